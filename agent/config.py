@@ -1,0 +1,180 @@
+"""Configuration: pydantic models validated from YAML (defaults in ``config/default.yaml``).
+
+A wrong key or value raises :class:`agent.errors.ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AcquisitionConfig(_Strict):
+    """Where new scans arrive and how the folder is watched."""
+
+    folder: Path = Path("./acquisition")
+    patterns: list[str] = ["*.sxm"]
+    recursive: bool = False
+    polling: bool = False
+    poll_interval_s: float = Field(1.0, gt=0)
+    settle_s: float = Field(2.0, ge=0)
+    complete_timeout_s: float = Field(600.0, gt=0)
+    catch_up: bool = True
+
+
+class PublishConfig(_Strict):
+    """ZeroMQ PUB socket the results are published on."""
+
+    endpoint: str = "tcp://127.0.0.1:5556"
+    sndhwm: int = Field(10000, ge=1)
+    linger_ms: int = Field(1000, ge=0)
+
+
+class ResultsConfig(_Strict):
+    """Where results are kept."""
+
+    store: Path = Path("./stm-agent-results/results.sqlite")
+    out_dir: Path | None = None
+    write_json: bool = True
+    write_overlay: bool = True
+
+
+class ReferencesConfig(_Strict):
+    """The reference library: one folder per species."""
+
+    folder: Path = Path("./references")
+
+
+class FlattenConfig(_Strict):
+    """Background removal before segmentation."""
+
+    plane: bool = True
+    rows: Literal["none", "median", "mean"] = "median"
+
+
+class SegmentConfig(_Strict):
+    """Threshold segmentation and the single-object size window."""
+
+    method: Literal["otsu", "value"] = "otsu"
+    threshold: float | None = None
+    polarity: Literal["bright", "dark"] = "bright"
+    min_area_nm2: float | None = Field(None, ge=0)
+    max_area_nm2: float | None = Field(None, gt=0)
+    auto_area_sd: float = Field(2.0, gt=0)
+    exclude_edge: bool = True
+    smooth_px: float = Field(1.0, ge=0)
+
+
+class NormaliseConfig(_Strict):
+    """Crop normalisation: brightness and poses (UniMR)."""
+
+    size_px: int = Field(64, ge=8, le=512)
+    mean_grey: float = Field(120.0, ge=0, le=255)
+    grey_tolerance: float = Field(20.0, ge=0)
+    rotations: int = Field(36, ge=1, le=360)
+    mirror: bool = True
+
+
+class EncoderConfig(_Strict):
+    """Which encoder embeds crops."""
+
+    name: Literal["pixel", "clip", "zernike", "auto"] = "pixel"
+    model_dir: Path | None = None
+    batch_size: int = Field(64, ge=1)
+    threads: int = Field(0, ge=0)
+
+
+class MatchConfig(_Strict):
+    """Cosine-similarity matching against the references."""
+
+    threshold: float = Field(0.9, ge=-1, le=1)
+
+
+class AgentConfig(_Strict):
+    """The whole configuration of one agent."""
+
+    agent_id: str = "stm-agent"
+    channel: str = "Z"
+    direction: Literal["forward", "backward"] = "forward"
+    acquisition: AcquisitionConfig = AcquisitionConfig()
+    publish: PublishConfig = PublishConfig()
+    results: ResultsConfig = ResultsConfig()
+    references: ReferencesConfig = ReferencesConfig()
+    flatten: FlattenConfig = FlattenConfig()
+    segment: SegmentConfig = SegmentConfig()
+    normalise: NormaliseConfig = NormaliseConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    match: MatchConfig = MatchConfig()
+
+    def digest(self) -> str:
+        """sha256 (first 16 hex) of the effective configuration, for provenance."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def default_yaml_text() -> str:
+    """The commented default configuration (``config/default.yaml``)."""
+    return resources.files("config").joinpath("default.yaml").read_text(encoding="utf-8")
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{origin}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> AgentConfig:
+    """Load the default configuration, update it with ``path`` (YAML) and ``overrides``.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not YAML, or a key/value is invalid (message names the key).
+    """
+    data = yaml.safe_load(default_yaml_text()) or {}
+    origin = "config/default.yaml"
+    if path is not None:
+        p = Path(path)
+        try:
+            user = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"{p}: expected a mapping of keys at the top level")
+        data = _deep_update(data, user)
+        origin = str(p)
+    if overrides:
+        data = _deep_update(data, overrides)
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,1 @@
+"""Encoders that embed normalised crops: pixel, (later) ONNX CLIP and Zernike; see ``models.base``."""
