@@ -239,6 +239,8 @@ class FrameResult:
     encoder: dict[str, Any] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
     processed_at: datetime | None = None
+    # Flattened (ny, nx) float32 image the detections refer to, for overlays; never serialised.
+    image: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_objects(self) -> int:
