@@ -1,0 +1,158 @@
+"""Result files next to a scan: the JSON result and an annotated PNG overlay.
+
+The overlay shows the flattened frame (grey, 1-99 % percentile stretch), one box per detection
+coloured by species (dashed grey for objects cut by the edge, which are not counted), a legend with
+the counts, and a scale bar in nm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from agent.domain import OTHER, FrameResult
+
+# Colour-blind-safe palette (Okabe & Ito 2008), BGR for OpenCV; `other` is always grey.
+_PALETTE = [(0, 159, 230), (233, 180, 86), (115, 158, 0), (66, 228, 240), (178, 114, 0),
+            (0, 94, 213), (167, 121, 204), (255, 255, 255)]
+_OTHER_BGR = (150, 150, 150)
+_MIN_SIDE_PX = 768  # overlays are upscaled so that labels stay readable on small scans
+
+
+def species_colours(species: list[str]) -> dict[str, tuple[int, int, int]]:
+    """Stable BGR colour per species (``other`` grey), in the order given."""
+    named = [s for s in species if s != OTHER]
+    out = {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(named)}
+    out[OTHER] = _OTHER_BGR
+    return out
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """float (ny, nx) with NaN -> uint8 grey, robust 1-99 % stretch; NaN rows drawn black."""
+    finite = np.isfinite(image)
+    out = np.zeros(image.shape, np.uint8)
+    if finite.any():
+        lo, hi = np.percentile(image[finite], [1, 99])
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        out[finite] = np.clip((image[finite] - lo) * scale, 0, 255).astype(np.uint8)
+    return out
+
+
+def _nice_length(target: float) -> float:
+    """Largest 1/2/5 x 10^k not above ``target`` (> 0)."""
+    k = math.floor(math.log10(target))
+    for m in (5, 2, 1):
+        if m * 10**k <= target:
+            return m * 10**k
+    return 10**k
+
+
+def render_overlay(result: FrameResult, image: np.ndarray, pixel_size_nm: tuple[float, float]) -> np.ndarray:
+    """Draw the detections of ``result`` over ``image``.
+
+    Parameters
+    ----------
+    result : FrameResult
+        Detections (bbox in pixels of ``image``) and counts.
+    image : np.ndarray
+        float (ny, nx), the flattened frame (NaN = not acquired).
+    pixel_size_nm : (dx, dy)
+        Pixel size in nm, for the scale bar and to display non-square pixels with the right aspect.
+
+    Returns
+    -------
+    np.ndarray
+        uint8 BGR (H, W, 3) image with a legend strip on the right.
+    """
+    ny, nx = image.shape
+    dx, dy = pixel_size_nm
+    # Display with square physical pixels, at least _MIN_SIDE_PX on the long side.
+    w_nm, h_nm = nx * dx, ny * dy
+    scale = max(_MIN_SIDE_PX / max(nx, ny * dy / dx), 1.0)
+    sx = scale
+    sy = scale * (dy / dx)
+    W, H = max(int(round(nx * sx)), 1), max(int(round(ny * sy)), 1)
+    canvas = cv2.cvtColor(cv2.resize(_grey(image), (W, H), interpolation=cv2.INTER_NEAREST), cv2.COLOR_GRAY2BGR)
+    species = [s for s in result.counts]
+    colours = species_colours(species)
+    thick = max(1, int(round(W / 500)))
+    for det in result.detections:
+        x, y, w, h = det.bbox_px
+        p0 = (int(round(x * sx)), int(round(y * sy)))
+        p1 = (int(round((x + w) * sx)), int(round((y + h) * sy)))
+        col = colours.get(det.species, _OTHER_BGR)
+        if det.touches_edge:
+            cv2.rectangle(canvas, p0, p1, (90, 90, 90), 1, cv2.LINE_AA)
+            continue
+        cv2.rectangle(canvas, p0, p1, col, thick, cv2.LINE_AA)
+    # Scale bar: about a fifth of the width, bottom left, with a dark halo.
+    bar_nm = _nice_length(w_nm / 5)
+    bar_px = int(round(bar_nm / dx * sx))
+    x0, y0 = int(0.04 * W), int(H - 0.05 * H)
+    bar_h = max(4, H // 120)
+    cv2.rectangle(canvas, (x0 - 2, y0 - bar_h - 2), (x0 + bar_px + 2, y0 + 2), (0, 0, 0), -1)
+    cv2.rectangle(canvas, (x0, y0 - bar_h), (x0 + bar_px, y0), (255, 255, 255), -1)
+    label = f"{bar_nm:g} nm"
+    fs = max(0.5, W / 1400)
+    cv2.putText(canvas, label, (x0, y0 - bar_h - 8), cv2.FONT_HERSHEY_SIMPLEX, fs, (0, 0, 0), 4, cv2.LINE_AA)
+    cv2.putText(canvas, label, (x0, y0 - bar_h - 8), cv2.FONT_HERSHEY_SIMPLEX, fs, (255, 255, 255), 1, cv2.LINE_AA)
+    # Legend strip on the right.
+    legend_w = max(260, W // 3)
+    legend = np.full((H, legend_w, 3), 30, np.uint8)
+    line = int(34 * fs / 0.5 * 0.7) + 10
+    ytxt = line
+    cv2.putText(legend, "counts", (12, ytxt), cv2.FONT_HERSHEY_SIMPLEX, fs, (255, 255, 255), 1, cv2.LINE_AA)
+    for s in species:
+        ytxt += line
+        cv2.rectangle(legend, (12, ytxt - int(line * 0.6)), (12 + int(line * 0.6), ytxt), colours[s], -1)
+        cv2.putText(legend, f"{s}: {result.counts[s]}", (24 + int(line * 0.6), ytxt),
+                    cv2.FONT_HERSHEY_SIMPLEX, fs, (255, 255, 255), 1, cv2.LINE_AA)
+    n_edge = sum(1 for d in result.detections if d.touches_edge)
+    ytxt += line
+    cv2.putText(legend, f"edge (not counted): {n_edge}", (12, ytxt), cv2.FONT_HERSHEY_SIMPLEX, fs * 0.8,
+                (170, 170, 170), 1, cv2.LINE_AA)
+    ytxt += line
+    enc = result.encoder.get("name", "?")
+    cv2.putText(legend, f"encoder: {enc}", (12, ytxt), cv2.FONT_HERSHEY_SIMPLEX, fs * 0.8, (170, 170, 170), 1,
+                cv2.LINE_AA)
+    return np.concatenate([canvas, legend], axis=1)
+
+
+def write_result_files(result: FrameResult, out_dir: Path, stem: str, *, write_json: bool = True,
+                       write_overlay: bool = True) -> list[Path]:
+    """Write ``<stem>.stm-agent.json`` and ``<stem>.stm-agent.png`` into ``out_dir``.
+
+    The JSON is ``result.to_json()``. The overlay needs ``result.image`` (the flattened frame) and
+    the pixel size in ``result.scan["pixel_size_nm"]``; it is skipped for error results.
+
+    Returns
+    -------
+    list[Path]
+        The files written.
+
+    Raises
+    ------
+    OSError
+        ``out_dir`` cannot be created or written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if write_json:
+        p = out_dir / f"{stem}.stm-agent.json"
+        tmp = p.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result.to_json(), indent=1), encoding="utf-8")
+        tmp.replace(p)  # atomic: a reader never sees half a file
+        written.append(p)
+    if write_overlay and result.status == "ok" and result.image is not None:
+        px = tuple(result.scan.get("pixel_size_nm") or (1.0, 1.0))
+        png = render_overlay(result, result.image, (float(px[0]), float(px[1])))
+        p = out_dir / f"{stem}.stm-agent.png"
+        if not cv2.imwrite(str(p), png):
+            raise OSError(f"{p}: could not write the overlay PNG")
+        written.append(p)
+    return written

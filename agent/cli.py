@@ -1,0 +1,293 @@
+"""Command line of stm-agent (typer).
+
+    stm-agent recognize SCAN... --refs DIR     count species in scans, write JSON + overlay PNG
+    stm-agent refs add SPECIES --scan F --at X,Y   pick a reference (one example per species)
+    stm-agent refs list                        show the reference library
+    stm-agent run [--config FILE]              the daemon: watch the acquisition folder, publish
+    stm-agent listen                           print live counts published by a running agent
+    stm-agent config init                      print the commented default configuration
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agent.config import AgentConfig, default_yaml_text, load_config
+from agent.errors import StmAgentError
+
+app = typer.Typer(
+    help="stm-agent: recognise and count molecules in STM scans as the microscope scans, "
+    "training-free (UniMR), and publish the counts live on ZeroMQ.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+refs_app = typer.Typer(help="The reference library: one example per species you want counted.",
+                       no_args_is_help=True)
+config_app = typer.Typer(help="Configuration files.", no_args_is_help=True)
+app.add_typer(refs_app, name="refs")
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration (see `stm-agent config init`).")
+RefsOpt = typer.Option(None, "--refs", help="Reference library folder (default: references.folder of the config).")
+
+
+def _fail(e: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(code=2)
+
+
+def _config(path: Optional[Path], refs: Optional[Path] = None, **over) -> AgentConfig:
+    overrides: dict = {k: v for k, v in over.items() if v is not None}
+    if refs is not None:
+        overrides.setdefault("references", {})["folder"] = str(refs)
+    try:
+        return load_config(path, overrides=_nest(overrides))
+    except StmAgentError as e:
+        _fail(e)
+        raise  # unreachable
+
+
+def _nest(flat: dict) -> dict:
+    """``{"match.threshold": 0.8}`` -> ``{"match": {"threshold": 0.8}}``."""
+    out: dict = {}
+    for k, v in flat.items():
+        parts = k.split(".")
+        d = out
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        if isinstance(v, dict) and isinstance(d.get(parts[-1]), dict):
+            d[parts[-1]].update(v)
+        else:
+            d[parts[-1]] = v
+    return out
+
+
+def _parse_xy(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected X,Y (two numbers separated by a comma), got {text!r}") from None
+    return x, y
+
+
+def _counts_table(title: str, counts: dict[str, int], n_edge: int) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("species")
+    t.add_column("count", justify="right")
+    for s, n in counts.items():
+        t.add_row(s, str(n))
+    t.add_row("[dim]cut by the edge (not counted)[/]", f"[dim]{n_edge}[/]")
+    return t
+
+
+@app.command()
+def recognize(
+    scans: list[Path] = typer.Argument(..., help="Nanonis .sxm scans (or PNG/JPG/TIFF images with --pixel-size)."),
+    refs: Optional[Path] = RefsOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the JSON and PNG results "
+                                       "(default: next to each scan)."),
+    config: Optional[Path] = ConfigOpt,
+    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", help="Pixel size in nm, for images "
+                                               "(a .sxm knows its own)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Similarity threshold (0..1) "
+                                              "below which an object is `other`."),
+    channel: Optional[str] = typer.Option(None, "--channel", help="Channel to analyse (default Z)."),
+) -> None:
+    """Count the species in SCANS against the reference library; write JSON + annotated PNG."""
+    from adapters.outputs import write_result_files
+    from adapters.scanfile import read_scan
+    from agent.pipeline import Recognizer
+
+    cfg = _config(config, refs, **{"match.threshold": threshold, "channel": channel})
+    try:
+        rec = Recognizer.from_config(cfg)
+    except StmAgentError as e:
+        _fail(e)
+    failed = 0
+    for path in scans:
+        try:
+            scan = read_scan(path, pixel_size_nm=pixel_size)
+            result = rec.recognise(scan)
+        except StmAgentError as e:
+            err_console.print(f"[red]skipped[/] {e}")
+            failed += 1
+            continue
+        n_edge = sum(1 for d in result.detections if d.touches_edge)
+        console.print(_counts_table(f"{path.name}  ({result.encoder.get('name')}, "
+                                    f"{sum(result.timings_ms.values()):.0f} ms)", result.counts, n_edge))
+        files = write_result_files(result, out if out is not None else path.parent, path.stem,
+                                   write_json=True, write_overlay=True)
+        for f in files:
+            console.print(f"  wrote {f}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@refs_app.command("add")
+def refs_add(
+    species: str = typer.Argument(..., help="Species name, e.g. TCNE or L (one folder per species)."),
+    scan: Optional[Path] = typer.Option(None, "--scan", help="Scan holding an example of the species."),
+    at: Optional[str] = typer.Option(None, "--at", help="X,Y of the example: nm in the controller's frame "
+                                     "(as `recognize` prints in centroid_nm), or pixels with --px."),
+    px: bool = typer.Option(False, "--px", help="--at is in pixels (column,row; row 0 = top)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="A ready crop (PNG/TIFF) of the example "
+                                         "instead of --scan/--at."),
+    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", help="Pixel size in nm of --image "
+                                               "or of an image --scan."),
+    refs: Optional[Path] = RefsOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Add one example of SPECIES to the reference library."""
+    from adapters.references import ReferenceLibrary
+    from adapters.scanfile import read_scan
+    from agent.pipeline import reference_crop_at
+
+    cfg = _config(config, refs)
+    lib = ReferenceLibrary(cfg.references.folder)
+    try:
+        if image is not None:
+            from adapters.images import read_image
+
+            if pixel_size is None:
+                raise typer.BadParameter("--image needs --pixel-size (nm per pixel of the crop)")
+            im = read_image(image, pixel_size)
+            crop = im.frame(im_channel := next(iter(im.channels)), "forward")
+            prov = {"image": str(image), "frame_id": im.frame_id, "channel": im_channel}
+            path = lib.add(species, crop, pixel_size, prov)
+        else:
+            if scan is None or at is None:
+                raise typer.BadParameter("give --scan FILE --at X,Y (or --image CROP.png --pixel-size NM)")
+            x, y = _parse_xy(at)
+            s = read_scan(scan, pixel_size_nm=pixel_size)
+            crop, psize, prov = reference_crop_at(s, x, y, units="px" if px else "nm", cfg=cfg)
+            path = lib.add(species, crop, psize, prov)
+    except StmAgentError as e:
+        _fail(e)
+    console.print(f"added reference of [bold]{species}[/] -> {path}")
+
+
+@refs_app.command("list")
+def refs_list(refs: Optional[Path] = RefsOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """List the species and examples in the reference library."""
+    from adapters.references import ReferenceLibrary
+
+    cfg = _config(config, refs)
+    lib = ReferenceLibrary(cfg.references.folder)
+    t = Table(title=f"references in {cfg.references.folder}", title_justify="left")
+    t.add_column("species")
+    t.add_column("example")
+    t.add_column("from")
+    t.add_column("pixel size (nm)", justify="right")
+    try:
+        entries = lib.entries()
+    except StmAgentError as e:
+        _fail(e)
+    for e in entries:
+        prov = e.provenance if hasattr(e, "provenance") else {}
+        src = prov.get("scan") or prov.get("image") or ""
+        t.add_row(e.species, Path(str(e.path)).name, Path(str(src)).name if src else "",
+                  f"{float(e.pixel_size_nm):.4g}")
+    console.print(t)
+
+
+@app.command()
+def run(
+    config: Optional[Path] = ConfigOpt,
+    folder: Optional[Path] = typer.Option(None, "--folder", help="Acquisition folder to watch "
+                                          "(default ./acquisition)."),
+    refs: Optional[Path] = RefsOpt,
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="ZeroMQ PUB endpoint "
+                                           "(default tcp://127.0.0.1:5556)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    """Run the agent: watch the acquisition folder, recognise each new scan, publish the counts."""
+    from agent.daemon import Agent, install_signal_handlers
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _config(config, refs, **{"acquisition.folder": str(folder) if folder else None,
+                                   "publish.endpoint": endpoint})
+    try:
+        agent = Agent(cfg)
+    except StmAgentError as e:
+        _fail(e)
+    install_signal_handlers(agent)
+    console.print(f"stm-agent watching [bold]{cfg.acquisition.folder.resolve()}[/], publishing on "
+                  f"[bold]{cfg.publish.endpoint}[/] (Ctrl-C stops)")
+    agent.run()
+
+
+@app.command()
+def listen(
+    endpoint: str = typer.Option("tcp://127.0.0.1:5556", "--endpoint", help="Agent's PUB endpoint."),
+    count: int = typer.Option(0, "--count", "-n", help="Stop after N frames (0 = run until Ctrl-C)."),
+    timeout: float = typer.Option(0.0, "--timeout", help="Give up after this many seconds without a frame "
+                                  "(0 = wait forever)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every message as one JSON line."),
+) -> None:
+    """Print the species counts of each frame as a running agent publishes them."""
+    from adapters.zmq_io import Subscriber
+
+    sub = Subscriber(endpoint, ["frame.counts", "agent.status"])
+    seen = 0
+    last = time.monotonic()
+    try:
+        while count == 0 or seen < count:
+            got = sub.recv(timeout_ms=500)
+            if got is None:
+                if timeout and time.monotonic() - last > timeout:
+                    err_console.print(f"no frame from {endpoint} in {timeout:g} s")
+                    raise typer.Exit(code=1)
+                continue
+            topic, msg = got
+            last = time.monotonic()
+            if as_json:
+                print(json.dumps({"topic": topic, **msg}), flush=True)
+            elif topic == "agent.status":
+                console.print(f"[dim]{msg.get('agent_id')}: {msg.get('state')} (config {msg.get('config_digest')})[/]")
+            elif msg.get("status") == "error":
+                console.print(f"[red]{Path(str(msg.get('source'))).name}: error: {msg.get('reason')}[/]")
+            else:
+                counts = "  ".join(f"{k}={v}" for k, v in (msg.get("counts") or {}).items())
+                console.print(f"[bold]{Path(str(msg.get('source'))).name}[/]  {counts}  "
+                              f"[dim]({msg.get('latency_ms', 0):.0f} ms, seq {msg.get('seq')})[/]")
+            if topic == "frame.counts":
+                seen += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close()
+
+
+@config_app.command("init")
+def config_init() -> None:
+    """Print the commented default configuration (redirect it into a file and edit it)."""
+    sys.stdout.write(default_yaml_text())
+
+
+@config_app.command("show")
+def config_show(config: Optional[Path] = ConfigOpt) -> None:
+    """Validate a configuration and print the effective values with their digest."""
+    cfg = _config(config)
+    console.print_json(json.dumps(cfg.model_dump(mode="json")))
+    console.print(f"digest {cfg.digest()}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
