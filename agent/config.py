@@ -40,6 +40,7 @@ class PublishConfig(_Strict):
     endpoint: str = "tcp://127.0.0.1:5556"
     sndhwm: int = Field(10000, ge=1)
     linger_ms: int = Field(1000, ge=0)
+    heartbeat_s: float = Field(5.0, ge=0)
 
 
 class ResultsConfig(_Strict):
@@ -85,6 +86,9 @@ class NormaliseConfig(_Strict):
     grey_tolerance: float = Field(20.0, ge=0)
     rotations: int = Field(36, ge=1, le=360)
     mirror: bool = True
+    window_factor: float = Field(1.3, gt=0)
+    contrast: Literal["frame", "crop"] = "crop"
+    window_nm: float | None = Field(None, gt=0)
 
 
 class EncoderConfig(_Strict):

@@ -43,3 +43,44 @@ class ReferenceLibraryError(StmAgentError):
 
 class ConfigError(StmAgentError):
     """The configuration is invalid (names the key and the allowed values)."""
+
+
+class NoObjectError(StmAgentError):
+    """No segmented object at or near the position a user picked (names the scan and the position)."""
+
+
+class ModelError(StmAgentError):
+    """An encoder model cannot be built, exported or loaded: missing weights, missing or inconsistent
+    ``model.json``, ONNX file whose sha256 differs from the one recorded at export.
+
+    Attributes
+    ----------
+    source : str
+        The model folder / file (or the model name) concerned.
+    reason : str
+        Why, in words a user understands (with what to do about it where possible).
+    """
+
+    def __init__(self, source: str | Path, reason: str):
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}")
+
+
+class StoreError(StmAgentError):
+    """The results database cannot be opened or written (names the file and the reason)."""
+
+    def __init__(self, source: str | Path, reason: str):
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}")
+
+
+class PublishError(StmAgentError):
+    """A ZeroMQ endpoint cannot be bound/connected, or a message cannot be encoded (names the
+    endpoint and the reason)."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}")

@@ -1,0 +1,387 @@
+"""Folder source: watch the acquisition folder and hand on each scan file once it is COMPLETE.
+
+The Nanonis software (or a copy over a network share) writes a scan file in pieces; reading it
+early gives a truncated frame. A file is therefore handed on only when complete:
+
+* ``.sxm``: its size equals the size its header announces (:func:`adapters.sxm.expected_file_size`:
+  header length + 4 bytes x pixels x frames). While the header itself is incomplete nothing is
+  read. A file whose header is invalid, or that is larger than announced, can never become valid:
+  it is handed on once its size has been stable for ``settle_s`` (the reader then rejects it with
+  the reason).
+* other files (the header cannot tell): the size and mtime have not changed for ``settle_s``.
+* a file still incomplete ``complete_timeout_s`` after it was first seen is handed on as an error
+  (``Arrival.error = "incomplete after N s ..."``) and the source moves on.
+
+Identity is the sha256 of the file bytes: the same content is handed on once, whatever its name
+(a copy under a new name is skipped), and content the store already knows (``known(frame_id)``) is
+skipped, which makes the catch-up on start (files that arrived while the agent was down) cheap and
+safe. Files are only read, never moved or deleted.
+
+Threads: watchdog's observer (OS events, or :class:`watchdog.observers.polling.PollingObserver`
+for network shares that send none) feeds paths into a set; one checker thread tests the pending
+files every ``check_interval_s``, restarts the observer if its thread died, and puts
+:class:`Arrival` items into :attr:`FolderSource.queue` for the daemon's worker.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from adapters.sxm import expected_file_size
+from agent.config import AcquisitionConfig
+from agent.errors import ConfigError, ScanFormatError
+
+__all__ = ["Arrival", "FolderSource", "sha256_file", "OUTPUT_MARK"]
+
+log = logging.getLogger(__name__)
+
+OUTPUT_MARK = ".stm-agent."  # result files written next to scans carry this; never treated as scans
+
+
+def sha256_file(path: str | Path) -> tuple[str, int]:
+    """sha256 (hex) and byte size of a file, read in 1 MiB blocks.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read.
+    """
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            n += len(block)
+    return h.hexdigest(), n
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A complete file (or one that never completed) handed on to the daemon.
+
+    Attributes
+    ----------
+    path : Path
+        The file.
+    frame_id : str
+        sha256 (hex) of the bytes that were complete (for an error: the bytes there were).
+    size : int
+        Bytes hashed.
+    received_at : datetime
+        UTC time the file was found complete (start of the agent's latency).
+    received_mono : float
+        ``time.monotonic()`` at the same moment, for latency measurements.
+    error : str | None
+        None for a complete file; else why it is handed on unread (``"incomplete after N s ..."``).
+    catch_up : bool
+        Found by the catch-up scan at start (it arrived while the agent was not running).
+    """
+
+    path: Path
+    frame_id: str
+    size: int
+    received_at: datetime
+    received_mono: float
+    error: str | None = None
+    catch_up: bool = False
+
+
+@dataclass
+class _Pending:
+    first_seen: float
+    last_sig: tuple[int, int] | None = None
+    last_change: float = 0.0
+    catch_up: bool = False
+
+
+class _Handler(FileSystemEventHandler):
+    """Turns watchdog events (created, modified, closed, moved-in) into candidate paths."""
+
+    def __init__(self, source: "FolderSource"):
+        self.source = source
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        kind = event.event_type
+        if kind in ("deleted", "closed_no_write", "opened"):
+            return
+        path = event.dest_path if kind == "moved" else event.src_path
+        if not path:
+            return
+        path = os.fsdecode(path)
+        if event.is_directory:
+            if kind in ("created", "moved") and self.source.cfg.recursive:
+                self.source._notice_tree(Path(path))
+            return
+        self.source._notice(Path(path))
+
+
+class FolderSource:
+    """Watches ``cfg.folder`` and puts :class:`Arrival` items for complete scan files into :attr:`queue`.
+
+    Parameters
+    ----------
+    cfg : AcquisitionConfig
+        folder, patterns (fnmatch, case-insensitive), recursive, polling, poll_interval_s, settle_s,
+        complete_timeout_s, catch_up.
+    known : callable(frame_id) -> bool
+        True for frames already processed (the store's ``has``); they are skipped.
+    out : queue.Queue, optional
+        Queue to put arrivals into (default: a new unbounded queue, :attr:`queue`).
+    check_interval_s : float
+        How often pending files are checked, s.
+
+    Raises
+    ------
+    ConfigError
+        (from :meth:`start`) the folder does not exist and cannot be created, or is not a folder.
+    """
+
+    def __init__(self, cfg: AcquisitionConfig, known: Callable[[str], bool] = lambda fid: False,
+                 out: queue.Queue | None = None, check_interval_s: float = 0.1):
+        self.cfg = cfg
+        self.folder = Path(cfg.folder)
+        self.known = known
+        self.queue: queue.Queue[Arrival] = out if out is not None else queue.Queue()
+        self.check_interval_s = float(check_interval_s)
+        self.restarts = 0  # times the observer thread was found dead and restarted
+        self._patterns = [p.lower() for p in cfg.patterns]
+        self._lock = threading.Lock()
+        self._noticed: set[Path] = set()
+        self._pending: dict[Path, _Pending] = {}
+        self._done: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) when handed on / skipped
+        self._handed: set[str] = set()  # frame_ids handed on in this session
+        self._stop = threading.Event()
+        self._observer = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ public
+    def start(self) -> None:
+        """Create the folder if needed, start the observer and the checker thread (catch-up first).
+
+        Raises
+        ------
+        ConfigError
+            The folder cannot be created or is not a folder.
+        """
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"acquisition.folder: {self.folder}: cannot create it ({exc.strerror or exc})") from exc
+        if not self.folder.is_dir():
+            raise ConfigError(f"acquisition.folder: {self.folder}: not a folder")
+        self._stop.clear()
+        self._observer = self._start_observer()
+        self._thread = threading.Thread(target=self._loop, name="stm-agent-folder", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the observer and the checker thread (idempotent). Pending files stay on disk."""
+        self._stop.set()
+        obs, self._observer = self._observer, None
+        if obs is not None:
+            try:
+                obs.stop()
+                obs.join(timeout_s)
+            except RuntimeError:  # never started
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    @property
+    def observer_alive(self) -> bool:
+        """True while the watchdog observer thread runs."""
+        obs = self._observer
+        return bool(obs is not None and obs.is_alive())
+
+    def pending(self) -> list[Path]:
+        """Files seen but not yet complete."""
+        with self._lock:
+            return sorted(self._pending)
+
+    # ------------------------------------------------------------------ internals
+    def _start_observer(self):
+        obs = PollingObserver(timeout=self.cfg.poll_interval_s) if self.cfg.polling else Observer()
+        obs.schedule(_Handler(self), str(self.folder), recursive=self.cfg.recursive)
+        obs.daemon = True
+        obs.start()
+        return obs
+
+    def _matches(self, path: Path) -> bool:
+        name = path.name.lower()
+        if OUTPUT_MARK in name:
+            return False
+        return any(fnmatch.fnmatchcase(name, p) for p in self._patterns)
+
+    def _notice(self, path: Path) -> None:
+        """A path was created / modified / moved in (called from the observer thread)."""
+        if self._matches(path):
+            with self._lock:
+                self._noticed.add(path)
+
+    def _notice_tree(self, folder: Path) -> None:
+        for p in self._walk(folder):
+            self._notice(p)
+
+    def _walk(self, folder: Path) -> list[Path]:
+        it = folder.rglob("*") if self.cfg.recursive else folder.glob("*")
+        try:
+            return [p for p in it if self._matches(p) and p.is_file()]
+        except OSError as exc:
+            log.warning("%s: cannot list the folder (%s)", folder, exc)
+            return []
+
+    @staticmethod
+    def _sig(st: os.stat_result) -> tuple[int, int]:
+        return st.st_size, st.st_mtime_ns
+
+    def _catch_up(self) -> None:
+        """Files already in the folder: those the store does not know are processed (by sha256)."""
+        files = self._walk(self.folder)
+        files.sort(key=lambda p: p.stat().st_mtime_ns if p.exists() else 0)
+        now = time.monotonic()
+        n_new = 0
+        for p in files:
+            if self._stop.is_set():
+                return
+            try:
+                st = p.stat()
+                if not self.cfg.catch_up:
+                    self._done[p] = self._sig(st)
+                    continue
+                fid, _ = sha256_file(p)
+            except OSError as exc:
+                log.warning("%s: cannot read it during catch-up (%s)", p, exc)
+                continue
+            if self.known(fid):
+                self._done[p] = self._sig(st)
+                continue
+            n_new += 1
+            with self._lock:
+                self._pending.setdefault(p, _Pending(first_seen=now, catch_up=True))
+        if self.cfg.catch_up:
+            log.info("catch-up: %d file(s) in %s, %d not processed yet", len(files), self.folder, n_new)
+
+    def _loop(self) -> None:
+        try:
+            self._catch_up()
+        except Exception:  # never let the catch-up kill the source
+            log.exception("catch-up of %s failed", self.folder)
+        while not self._stop.wait(self.check_interval_s):
+            try:
+                self._watch_observer()
+                self._check()
+            except Exception:  # keep watching whatever happens to one file
+                log.exception("folder source: unexpected error while checking %s", self.folder)
+
+    def _watch_observer(self) -> None:
+        obs = self._observer
+        if self._stop.is_set() or obs is None or obs.is_alive():
+            return
+        self.restarts += 1
+        log.error("folder observer of %s died; restarting it (restart %d) and rescanning the folder",
+                  self.folder, self.restarts)
+        try:
+            obs.stop()
+        except Exception:  # already dead
+            pass
+        self._observer = self._start_observer()
+        self._notice_tree(self.folder)  # files that arrived while nobody watched
+
+    def _check(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            noticed, self._noticed = self._noticed, set()
+            for p in noticed:
+                if p not in self._pending:
+                    self._pending[p] = _Pending(first_seen=now, last_change=now)
+            items = list(self._pending.items())
+        for path, st in items:
+            verdict = self._verdict(path, st, now)
+            if verdict is None:
+                continue
+            with self._lock:
+                self._pending.pop(path, None)
+            if verdict == "gone":
+                continue
+            self._hand_on(path, st, error=None if verdict == "complete" else verdict)
+
+    def _verdict(self, path: Path, st: _Pending, now: float) -> str | None:
+        """None = keep waiting; "gone"; "complete"; or an error reason (never completed)."""
+        try:
+            s = path.stat()
+        except FileNotFoundError:
+            return "gone"
+        except OSError as exc:
+            log.warning("%s: cannot stat (%s)", path, exc)
+            return None
+        sig = self._sig(s)
+        if self._done.get(path) == sig:
+            return "gone"  # unchanged since it was handed on or skipped
+        if sig != st.last_sig:
+            st.last_sig, st.last_change = sig, now
+        stable = now - st.last_change >= self.cfg.settle_s
+        size = sig[0]
+        expected: int | None = None
+        if path.suffix.lower() == ".sxm":
+            try:
+                expected = expected_file_size(path)
+            except ScanFormatError:
+                if stable:  # cannot become valid: let the reader say why
+                    return "complete"
+                expected = -1
+            except FileNotFoundError:
+                return "gone"
+            if expected is not None and expected >= 0:
+                if size == expected or (size > expected and stable):
+                    return "complete"
+        elif stable:
+            return "complete"
+        waited = now - st.first_seen
+        if waited >= self.cfg.complete_timeout_s:
+            if expected is None and path.suffix.lower() == ".sxm":
+                what = f"header not complete ({size} bytes)"
+            elif expected is not None and expected >= 0:
+                what = f"{size} of the {expected} bytes its header announces"
+            else:
+                what = f"{size} bytes, still changing"
+            return f"incomplete after {waited:.0f} s: {what}"
+        return None
+
+    def _hand_on(self, path: Path, st: _Pending, error: str | None) -> None:
+        try:
+            before = path.stat()
+            fid, size = sha256_file(path)
+            after = path.stat()
+        except OSError as exc:
+            log.warning("%s: cannot read it (%s); will retry on its next change", path, exc)
+            return
+        if error is None and self._sig(before) != self._sig(after):
+            with self._lock:  # changed while hashing: not complete after all
+                self._pending.setdefault(path, st)
+            return
+        self._done[path] = self._sig(after)
+        if fid in self._handed or self.known(fid):
+            log.info("%s: skipped, same content (sha256 %s) already processed", path, fid[:12])
+            return
+        self._handed.add(fid)
+        item = Arrival(path=path, frame_id=fid, size=size, received_at=datetime.now(timezone.utc),
+                       received_mono=time.monotonic(), error=error, catch_up=st.catch_up)
+        if error:
+            log.warning("%s: %s", path, error)
+        self.queue.put(item)
+

@@ -1,0 +1,382 @@
+"""Labelled STM images for tests and evaluation: COCO detection JSON, class-folder crops, and the
+matching of detections to ground-truth boxes (IoU >= 0.5 or centroid inside the box).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from agent.domain import Scan
+from agent.errors import ImageFormatError
+
+
+@dataclass
+class LabelledImage:
+    """One image with its ground-truth boxes.
+
+    Attributes
+    ----------
+    path : Path
+    width, height : int
+        Image size, pixels.
+    boxes : np.ndarray
+        float64 ``(K, 4)`` ``(x, y, w, h)`` pixels, origin top-left.
+    labels : list[str]
+        Class name of each box.
+    """
+
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: list[str]
+
+
+def load_coco(folder: str | Path) -> tuple[list[LabelledImage], list[str]]:
+    """Read ``<folder>/annotations.json`` (COCO detection).
+
+    Returns
+    -------
+    (images, categories) : images sorted by file name; category names ordered by id.
+
+    Raises
+    ------
+    ImageFormatError
+        Missing or malformed annotation file (names it and the reason).
+    """
+    p = Path(folder) / "annotations.json"
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        cats = {c["id"]: c["name"] for c in data["categories"]}
+        out = []
+        for im in sorted(data["images"], key=lambda i: i["file_name"]):
+            anns = [a for a in data["annotations"] if a["image_id"] == im["id"]]
+            out.append(
+                LabelledImage(
+                    path=Path(folder) / im["file_name"],
+                    width=int(im["width"]),
+                    height=int(im["height"]),
+                    boxes=np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4),
+                    labels=[cats[a["category_id"]] for a in anns],
+                )
+            )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ImageFormatError(p, f"not a readable COCO annotation file ({e})") from None
+    return out, [cats[k] for k in sorted(cats)]
+
+
+def crop_folders(folder: str | Path) -> dict[str, list[Path]]:
+    """Class folders of single-object crops: ``{class: sorted image paths}`` (png/jpg/tif)."""
+    out = {}
+    for d in sorted(Path(folder).iterdir()):
+        if d.is_dir():
+            files = sorted(f for f in d.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"))
+            if files:
+                out[d.name] = files
+    return out
+
+
+def read_grey(path: str | Path) -> np.ndarray:
+    """Luminance of an image file, float32 ``(ny, nx)`` in 0..1 (ITU-R BT.601 weights, OpenCV).
+
+    Raises
+    ------
+    ImageFormatError
+        The file cannot be decoded as an image.
+    """
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageFormatError(path, "cannot be decoded as an image")
+    if img.ndim == 3:
+        img = cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2GRAY)
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    return (img.astype(np.float32) / scale).astype(np.float32)
+
+
+def image_scan(path: str | Path, pixel_size_nm: float = 1.0) -> Scan:
+    """A rendered image as a :class:`Scan` (grey luminance as channel ``Z`` forward).
+
+    Uses ``adapters.images.read_image`` when that adapter exists, else :func:`read_grey`.
+    """
+    try:
+        from adapters.images import read_image  # type: ignore[import-not-found]
+    except ImportError:
+        read_image = None
+    if read_image is not None:
+        return read_image(path, pixel_size_nm)
+    g = read_grey(path)
+    ny, nx = g.shape
+    return Scan(
+        source=str(path),
+        frame_id=hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        channels={"Z": {"forward": g}},
+        units={"Z": "a.u."},
+        range_nm=(nx * pixel_size_nm, ny * pixel_size_nm),
+        valid_rows=np.ones(ny, bool),
+    )
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of boxes ``a`` ``(N, 4)`` and ``b`` ``(K, 4)`` in ``(x, y, w, h)`` -> float64 ``(N, K)``."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
+    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    iw = np.clip(np.minimum(ax2[:, None], bx2[None]) - np.maximum(a[:, 0, None], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(ay2[:, None], by2[None]) - np.maximum(a[:, 1, None], b[None, :, 1]), 0, None)
+    inter = iw * ih
+    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
+    return inter / np.maximum(union, 1e-12)
+
+
+def match_boxes(det_boxes: np.ndarray, det_centroids: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
+    """One-to-one matching of detections to ground truth (greedy by IoU, then centroid distance).
+
+    A pair qualifies when IoU >= 0.5 or the detection's centroid lies inside the ground-truth box.
+
+    Parameters
+    ----------
+    det_boxes : ``(N, 4)`` ``(x, y, w, h)``; det_centroids : ``(N, 2)`` ``(x, y)``; gt_boxes : ``(K, 4)``.
+
+    Returns
+    -------
+    np.ndarray
+        int ``(N,)``: index of the matched ground-truth box, -1 for unmatched detections.
+    """
+    n, k = len(det_boxes), len(gt_boxes)
+    out = np.full(n, -1, dtype=np.int64)
+    if n == 0 or k == 0:
+        return out
+    iou = box_iou(det_boxes, gt_boxes)
+    c = np.asarray(det_centroids, np.float64).reshape(-1, 2)
+    g = np.asarray(gt_boxes, np.float64)
+    inside = (
+        (c[:, 0, None] >= g[None, :, 0]) & (c[:, 0, None] <= g[None, :, 0] + g[None, :, 2])
+        & (c[:, 1, None] >= g[None, :, 1]) & (c[:, 1, None] <= g[None, :, 1] + g[None, :, 3])
+    )
+    gc = g[:, :2] + g[:, 2:] / 2
+    dist = np.hypot(c[:, 0, None] - gc[None, :, 0], c[:, 1, None] - gc[None, :, 1])
+    ok = (iou >= 0.5) | inside
+    # rank qualifying pairs: higher IoU first, then closer centroid
+    score = np.where(ok, iou - 1e-6 * dist, -np.inf)
+    order = np.argsort(-score, axis=None)
+    used_d, used_g = np.zeros(n, bool), np.zeros(k, bool)
+    for flat in order:
+        if not np.isfinite(score.flat[flat]):
+            break
+        i, j = divmod(int(flat), k)
+        if not used_d[i] and not used_g[j]:
+            out[i], used_d[i], used_g[j] = j, True, True
+    return out
+
+
+def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    """Precision, recall, F1 (0 where undefined)."""
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return p, r, f
+
+
+@dataclass
+class ClassTally:
+    """True positives, false positives and false negatives of one class."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def prf(self) -> tuple[float, float, float]:
+        """(precision, recall, F1)."""
+        return prf(self.tp, self.fp, self.fn)
+
+
+def _box_on_border(b: np.ndarray, width: int, height: int, margin: float = 1.0) -> np.ndarray:
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    return (b[:, 0] <= margin) | (b[:, 1] <= margin) | (b[:, 0] + b[:, 2] >= width - margin) | (
+        b[:, 1] + b[:, 3] >= height - margin
+    )
+
+
+def evaluate_image(result, image: LabelledImage, classes: list[str], skip_gt: set[int] = frozenset()) -> dict[str, ClassTally]:
+    """End-to-end per-class tally of one recognised frame against its ground truth.
+
+    Detections are matched one-to-one to ground-truth boxes by :func:`match_boxes`. Objects cut by
+    the image edge are left out on both sides (a detection flagged ``touches_edge``, a box touching
+    the border, and anything matched to them). Ground-truth boxes in ``skip_gt`` (the references
+    themselves) and their matched detections are left out. A kept detection of class c counts as TP
+    of c if matched to a box labelled c, else FP of c (``other`` detections are not positives).
+    Each kept box without a correct detection is a FN of its label.
+
+    Parameters
+    ----------
+    result : agent.domain.FrameResult
+    image : LabelledImage
+    classes : list[str]
+    skip_gt : set[int]
+        Indices of ground-truth boxes to ignore.
+
+    Returns
+    -------
+    dict[str, ClassTally]
+    """
+    tally = {c: ClassTally() for c in classes}
+    dets = result.detections
+    db = np.array([d.bbox_px for d in dets], np.float64).reshape(-1, 4)
+    dc = np.array([d.centroid_px for d in dets], np.float64).reshape(-1, 2)
+    m = match_boxes(db, dc, image.boxes)
+    gt_edge = _box_on_border(image.boxes, image.width, image.height)
+    ignored_gt = set(skip_gt) | set(np.flatnonzero(gt_edge).tolist())
+    found = np.zeros(len(image.boxes), bool)
+    for d, g in zip(dets, m):
+        if g >= 0 and (g in ignored_gt or d.touches_edge):
+            ignored_gt.add(int(g))
+            continue
+        if d.touches_edge:
+            continue
+        if g >= 0 and image.labels[g] == d.species:
+            tally[d.species].tp += 1
+            found[g] = True
+        elif d.species in tally:
+            tally[d.species].fp += 1
+    for g, lab in enumerate(image.labels):
+        if g not in ignored_gt and not found[g] and lab in tally:
+            tally[lab].fn += 1
+    return tally
+
+
+def crops_accuracy(classes: dict[str, list[Path]], cfg, encoder, n_refs: int = 1) -> dict[str, dict[str, int]]:
+    """Recognition-only test on single-object crops: the first ``n_refs`` crops of each class are
+    the references (all poses of ``cfg``), every other crop is assigned the species with the
+    highest similarity (no threshold; the crops hold one object by construction).
+
+    Each crop image is read as luminance, resized whole to ``cfg.size_px`` (the crop is the window)
+    and normalised with :func:`agent.normalise.to_grey`.
+
+    Parameters
+    ----------
+    classes : dict[str, list[Path]]
+        From :func:`crop_folders`.
+    cfg : agent.config.NormaliseConfig
+    encoder : models.base.Encoder
+
+    Returns
+    -------
+    dict[str, dict[str, int]]
+        Confusion counts ``{true class: {predicted class: n}}``.
+    """
+    from agent.match import RefEmbeddings, match
+    from agent.normalise import make_poses, to_grey
+
+    def grey(paths: list[Path]) -> np.ndarray:
+        arr = np.stack([cv2.resize(read_grey(p), (cfg.size_px, cfg.size_px), interpolation=cv2.INTER_AREA) for p in paths])
+        return to_grey(arr, cfg)
+
+    names = sorted(classes)
+    ref_grey, ref_species = [], []
+    for k, c in enumerate(names):
+        ref_grey.append(grey(classes[c][:n_refs]))
+        ref_species += [k] * len(classes[c][:n_refs])
+    poses, angles, mirrored = make_poses(np.concatenate(ref_grey), cfg)
+    r, p, s, _ = poses.shape
+    refs = RefEmbeddings(
+        emb=encoder.embed(poses.reshape(r * p, s, s)), species_idx=np.repeat(ref_species, p),
+        angle_deg=np.tile(angles, r), mirrored=np.tile(mirrored, r), species=names,
+    )
+    conf = {c: {d: 0 for d in names} for c in names}
+    for c in names:
+        rest = classes[c][n_refs:]
+        if not rest:
+            continue
+        pred, _, _ = match(encoder.embed(grey(rest)), refs, threshold=-1.0)
+        for q in pred:
+            conf[c][q] += 1
+    return conf
+
+
+#: Per-set settings: the F-HPB enantiomers are mirror images, so mirroring must be off.
+SET_OVERRIDES = {"fhpb": {"normalise": {"mirror": False}}}
+
+
+def evaluate_set(folder: str | Path, overrides: dict | None = None, verbose: bool = False) -> tuple[dict[str, ClassTally], dict[str, float]]:
+    """End-to-end evaluation of one COCO set with one reference per class per image.
+
+    For every image: the first box of each class that yields a segmented object is picked with
+    :func:`agent.pipeline.reference_crop_at` at the box centre (as a user would click it; the
+    reference extent is at least the box size), stored in a temporary reference library, the frame
+    is recognised and scored with :func:`evaluate_image` (reference boxes left out). Rendered images
+    have no known pixel size: 1 "nm" per pixel. ``SET_OVERRIDES`` adds per-set settings (F-HPB:
+    mirror off, the enantiomers are mirror images).
+
+    Parameters
+    ----------
+    folder : COCO set folder; overrides : config overrides (nested dict, as ``load_config``).
+
+    Returns
+    -------
+    (tally, seg) : per-class :class:`ClassTally` summed over the images; segmentation figures
+        ``{gt, matched, iou50, detections, seconds}`` (boxes, boxes matched by any detection,
+        boxes with a detection of IoU >= 0.5, detections, recognition wall time in s).
+    """
+    from adapters.references import ReferenceLibrary
+    from agent.config import load_config
+    from agent.errors import NoObjectError
+    from agent.pipeline import Recognizer, reference_crop_at
+
+    folder = Path(folder)
+    base = dict(overrides or {})
+    for k, v in SET_OVERRIDES.get(folder.name, {}).items():
+        base[k] = {**base.get(k, {}), **v}
+    images, classes = load_coco(folder)
+    total = {c: ClassTally() for c in classes}
+    seg = {"gt": 0, "matched": 0, "iou50": 0, "detections": 0, "seconds": 0.0}
+    for im in images:
+        cfg = load_config(overrides=base)
+        scan = image_scan(im.path, 1.0)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg.references.folder = Path(tmp)
+            lib = ReferenceLibrary(tmp)
+            skip = set()
+            for c in classes:
+                idx = [i for i, lab in enumerate(im.labels) if lab == c]
+                for i in idx:  # first box of the class that yields an object
+                    x, y, w, h = im.boxes[i]
+                    try:
+                        crop, ps, prov = reference_crop_at(scan, x + w / 2, y + h / 2, cfg, units="px")
+                    except NoObjectError:
+                        continue
+                    prov["extent_nm"] = max(prov["extent_nm"], float(max(w, h)))
+                    lib.add(c.replace(" ", "_"), crop, ps, prov)  # library names have no spaces
+                    skip.add(i)
+                    break
+            if not skip:
+                continue
+            t0 = time.perf_counter()
+            res = Recognizer.from_config(cfg).recognise(scan)
+            back = {c.replace(" ", "_"): c for c in classes}
+            for d in res.detections:
+                d.species = back.get(d.species, d.species)
+            seg["seconds"] += time.perf_counter() - t0
+        tally = evaluate_image(res, im, classes, skip_gt=skip)
+        db = np.array([d.bbox_px for d in res.detections], float).reshape(-1, 4)
+        dc = np.array([d.centroid_px for d in res.detections], float).reshape(-1, 2)
+        m = match_boxes(db, dc, im.boxes)
+        seg["gt"] += len(im.boxes)
+        seg["matched"] += int((m >= 0).sum())
+        seg["iou50"] += int((box_iou(db, im.boxes).max(axis=0) >= 0.5).sum()) if len(db) else 0
+        seg["detections"] += len(res.detections)
+        for c in classes:
+            for f in ("tp", "fp", "fn"):
+                setattr(total[c], f, getattr(total[c], f) + getattr(tally[c], f))
+        if verbose:
+            print(f"  {im.path.name}: {len(res.detections)} objects, counts {res.counts}, "
+                  f"{res.timings_ms['total']:.0f} ms")
+    return total, seg

@@ -1,0 +1,268 @@
+"""The reference library on disk: one sub-folder per species, user-picked example crops.
+
+Layout::
+
+    <folder>/<species>/<ref_id>.npy    float32 (h, w) flattened crop in physical units (m, A ...)
+    <folder>/<species>/<ref_id>.png    16-bit preview (min-max stretched) for people
+    <folder>/<species>/<ref_id>.json   provenance: scan file, frame_id, position nm and px,
+                                       pixel_size_nm, channel, extent_nm, created (UTC ISO time)
+    <folder>/.cache/<key>.npz          embeddings of every pose of every reference
+
+The cache key is the sha256 of the encoder id, the normalisation settings, the crop window and the
+sha256 of every reference file, so the pose embeddings are recomputed exactly when one of them
+changes (UniMR embeds the references once and compares every query against them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from agent.config import NormaliseConfig
+from agent.errors import ReferenceLibraryError
+from agent.match import RefEmbeddings
+from agent.normalise import crop_windows, frame_range, make_poses, to_grey
+from models.base import Encoder
+
+_SPECIES_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+
+@dataclass
+class ReferenceEntry:
+    """One reference crop.
+
+    Attributes
+    ----------
+    species : str
+    path : Path
+        The ``.npy`` crop file.
+    pixel_size_nm : tuple[float, float]
+        ``(dx, dy)`` of the crop, nm.
+    extent_nm : float
+        Largest size of the object (minimum enclosing circle diameter), nm.
+    provenance : dict
+        The JSON provenance record.
+    """
+
+    species: str
+    path: Path
+    pixel_size_nm: tuple[float, float]
+    extent_nm: float
+    provenance: dict[str, Any]
+
+    def load(self) -> np.ndarray:
+        """The crop, float32 ``(h, w)``, physical units."""
+        return np.load(self.path).astype(np.float32)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class ReferenceLibrary:
+    """A folder of reference crops, one sub-folder per species.
+
+    Parameters
+    ----------
+    folder : str | Path
+        The library folder (created by :meth:`add` if missing).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.last_cache_hit: bool | None = None
+
+    # ------------------------------------------------------------------ writing
+    def add(
+        self,
+        species: str,
+        crop: np.ndarray,
+        pixel_size_nm: tuple[float, float],
+        provenance: dict[str, Any] | None = None,
+    ) -> Path:
+        """Store a reference crop of ``species``.
+
+        Parameters
+        ----------
+        species : str
+            Species name (letters, digits, ``_ . + -``; not ``other``).
+        crop : np.ndarray
+            float ``(h, w)`` flattened crop centred on the object, physical units, finite.
+        pixel_size_nm : tuple[float, float]
+            ``(dx, dy)`` of the crop, nm.
+        provenance : dict, optional
+            Where it came from (scan, frame_id, position_nm, position_px, channel, ...). Should hold
+            ``extent_nm`` (object size, nm); else half the shorter crop side is assumed.
+
+        Returns
+        -------
+        Path
+            The ``.npy`` file written (``.png`` and ``.json`` next to it).
+
+        Raises
+        ------
+        ReferenceLibraryError
+            Invalid species name, crop not 2-D/finite or too small, bad pixel size.
+        """
+        if not _SPECIES_RE.match(species) or species.lower() == "other":
+            raise ReferenceLibraryError(
+                f"{self.folder}: invalid species name {species!r} (letters, digits, _ . + -; not 'other')"
+            )
+        c = np.asarray(crop, dtype=np.float32)
+        if c.ndim != 2 or min(c.shape) < 4 or not np.isfinite(c).all():
+            raise ReferenceLibraryError(f"{self.folder}: reference crop must be a finite 2-D array >= 4x4, got {c.shape}")
+        dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
+        if not (dx > 0 and dy > 0):
+            raise ReferenceLibraryError(f"{self.folder}: pixel size must be positive, got {pixel_size_nm}")
+        prov = dict(provenance or {})
+        prov.setdefault("created", datetime.now(timezone.utc).isoformat())
+        prov["pixel_size_nm"] = [dx, dy]
+        prov["shape_px"] = [int(c.shape[1]), int(c.shape[0])]
+        prov.setdefault("extent_nm", 0.5 * min(c.shape[1] * dx, c.shape[0] * dy))
+        prov["species"] = species
+        d = self.folder / species
+        d.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(c.tobytes()).hexdigest()[:10]
+        stem = f"ref_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}_{digest}"
+        npy = d / f"{stem}.npy"
+        np.save(npy, c)
+        lo, hi = float(c.min()), float(c.max())
+        prev = np.round((c - lo) / (hi - lo if hi > lo else 1.0) * 65535).astype(np.uint16)
+        cv2.imwrite(str(d / f"{stem}.png"), prev)
+        (d / f"{stem}.json").write_text(json.dumps(prov, indent=2, default=str), encoding="utf-8")
+        return npy
+
+    # ------------------------------------------------------------------ reading
+    def species(self) -> list[str]:
+        """Sorted species names that hold at least one reference."""
+        return sorted({e.species for e in self.entries(require=False)})
+
+    def entries(self, require: bool = True) -> list[ReferenceEntry]:
+        """All reference entries, sorted by species then file name.
+
+        Raises
+        ------
+        ReferenceLibraryError
+            (``require``) the folder is missing or holds no reference; a provenance file is unreadable.
+        """
+        if not self.folder.is_dir():
+            if require:
+                raise ReferenceLibraryError(f"{self.folder}: reference library folder not found")
+            return []
+        out = []
+        for npy in sorted(self.folder.glob("*/*.npy")):
+            if npy.parent.name.startswith("."):
+                continue
+            meta_path = npy.with_suffix(".json")
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                ps = meta["pixel_size_nm"]
+                out.append(
+                    ReferenceEntry(
+                        species=npy.parent.name,
+                        path=npy,
+                        pixel_size_nm=(float(ps[0]), float(ps[1])),
+                        extent_nm=float(meta["extent_nm"]),
+                        provenance=meta,
+                    )
+                )
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+                raise ReferenceLibraryError(f"{meta_path}: unreadable reference provenance ({e})") from None
+        if require and not out:
+            raise ReferenceLibraryError(f"{self.folder}: the reference library holds no reference (add some with `stm-agent refs add`)")
+        return out
+
+    def window_nm(self, cfg: NormaliseConfig) -> float:
+        """Crop window side, nm: ``cfg.window_nm`` or ``cfg.window_factor`` x the largest reference extent."""
+        if cfg.window_nm is not None:
+            return float(cfg.window_nm)
+        return float(cfg.window_factor * max(e.extent_nm for e in self.entries()))
+
+    def reference_crops(self, cfg: NormaliseConfig) -> tuple[list[ReferenceEntry], np.ndarray]:
+        """Normalised grey reference crops (pose 0): ``(entries, uint8 (R, S, S))``.
+
+        With ``cfg.contrast == "frame"`` the grey range is the provenance ``grey_range`` (the range of
+        the frame the reference was picked from), else the range of the stored crop itself.
+        """
+        entries = self.entries()
+        win = self.window_nm(cfg)
+        grey = []
+        for e in entries:
+            c = e.load()
+            centre = np.array([[(c.shape[1] - 1) / 2.0, (c.shape[0] - 1) / 2.0]])
+            rng = None
+            if cfg.contrast == "frame":
+                gr = e.provenance.get("grey_range")
+                rng = (float(gr[0]), float(gr[1])) if gr else frame_range(c)
+            grey.append(to_grey(crop_windows(c, centre, win, e.pixel_size_nm, cfg.size_px), cfg, rng)[0])
+        return entries, np.stack(grey)
+
+    def cache_key(self, encoder: Encoder, cfg: NormaliseConfig) -> str:
+        """sha256 hex of encoder id + normalisation settings + window + every reference file's hash."""
+        entries = self.entries()
+        files = [
+            [e.species, e.path.name, _sha256(e.path), _sha256(e.path.with_suffix(".json"))] for e in entries
+        ]
+        blob = json.dumps(
+            {"encoder": encoder.id, "normalise": cfg.model_dump(mode="json"), "window_nm": self.window_nm(cfg), "files": files},
+            sort_keys=True,
+        ).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def pose_embeddings(self, encoder: Encoder, cfg: NormaliseConfig) -> RefEmbeddings:
+        """Embeddings of every pose of every reference, from the on-disk cache when valid.
+
+        Returns
+        -------
+        RefEmbeddings
+            ``emb`` float32 ``(M, D)`` with M = references x poses (``cfg.rotations`` x
+            (2 if ``cfg.mirror`` else 1)), ``species_idx``, ``angle_deg``, ``mirrored``, ``ref_idx``.
+            Sets ``self.last_cache_hit``.
+
+        Raises
+        ------
+        ReferenceLibraryError
+            Missing or empty library.
+        """
+        key = self.cache_key(encoder, cfg)
+        cache = self.folder / ".cache" / f"{key}.npz"
+        if cache.is_file():
+            try:
+                z = np.load(cache, allow_pickle=False)
+                self.last_cache_hit = True
+                return RefEmbeddings(
+                    emb=z["emb"], species_idx=z["species_idx"], angle_deg=z["angle_deg"], mirrored=z["mirrored"],
+                    species=[str(s) for s in z["species"]], ref_idx=z["ref_idx"], window_nm=float(z["window_nm"]), key=key,
+                )
+            except (OSError, ValueError, KeyError):
+                pass  # damaged cache: recompute
+        self.last_cache_hit = False
+        entries, grey = self.reference_crops(cfg)
+        names = sorted({e.species for e in entries})
+        poses, angles, mirrored = make_poses(grey, cfg)  # (R, P, S, S)
+        r, p, s, _ = poses.shape
+        emb = encoder.embed(poses.reshape(r * p, s, s)).astype(np.float32)
+        out = RefEmbeddings(
+            emb=emb,
+            species_idx=np.repeat([names.index(e.species) for e in entries], p).astype(np.int64),
+            angle_deg=np.tile(angles, r).astype(np.float32),
+            mirrored=np.tile(mirrored, r).astype(bool),
+            species=names,
+            ref_idx=np.repeat(np.arange(r), p).astype(np.int64),
+            window_nm=self.window_nm(cfg),
+            key=key,
+        )
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, emb=out.emb, species_idx=out.species_idx, angle_deg=out.angle_deg, mirrored=out.mirrored,
+                 species=np.array(names), ref_idx=out.ref_idx, window_nm=np.float64(out.window_nm))
+        tmp.replace(cache)
+        return out

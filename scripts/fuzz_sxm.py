@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Fuzz adapters.sxm with mutated real scans for a fixed time; print inputs tried and crashes.
+
+A crash is any exception other than ScanFormatError (untyped errors must never escape). Each input
+is a real file from ../shared/data/sxm with 1-3 stacked mutations: truncation, byte flips in header
+or data, deletion of a header key, absurd or random SCAN_PIXELS, junk inserted into the header,
+duplicated/removed DATA_INFO rows, changed Direction column. Crashing inputs are saved to --out.
+
+Usage: python scripts/fuzz_sxm.py [--seconds 180] [--seed 0] [--out /tmp/sxm_crashes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import resource
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from adapters.sxm import expected_size, read_sxm  # noqa: E402
+from agent.errors import ScanFormatError  # noqa: E402
+
+_KEY = re.compile(rb"^:[^\n\t]*:\n", re.M)
+
+
+def mutate(b: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """One random mutation of ``b``; returns the new bytes and its kind."""
+    end = b.find(b":SCANIT_END:")
+    head_end = end if end > 0 else min(len(b), 4096)
+    kind = rng.choice(["truncate", "flip_header", "flip_data", "delete_key", "pixels", "insert", "direction", "row", "marker"])
+    n = len(b)
+    if n == 0:
+        return b"\x1a", "empty"
+    if kind == "truncate":
+        return b[: rng.randrange(n)], kind
+    if kind == "flip_header":
+        i = rng.randrange(max(head_end, 1))
+        return b[:i] + bytes([rng.randrange(256)]) + b[i + 1 :], kind
+    if kind == "flip_data":
+        i = rng.randrange(n)
+        return b[:i] + bytes([rng.randrange(256)]) * rng.randint(1, 8) + b[i + 1 :], kind
+    if kind == "delete_key":
+        keys = list(_KEY.finditer(b, 0, head_end))
+        if len(keys) < 2:
+            return b[:-1], kind
+        k = rng.randrange(len(keys) - 1)
+        return b[: keys[k].start()] + b[keys[k + 1].start() :], kind
+    if kind == "pixels":
+        vals = [rng.choice([0, 1, 2, 65535, 65536, 65537, 10**9, 2**31, 2**63, -5, rng.randrange(1, 600)]) for _ in range(2)]
+        txt = rng.choice([b"%d %d" % tuple(vals), b"%d" % vals[0], b"1e3 5", b"", b"x y"])
+        return re.sub(rb"(:SCAN_PIXELS:\n)[^\n]*", lambda m: m.group(1) + txt, b, count=1), kind
+    if kind == "insert":
+        i = rng.randrange(max(head_end, 1))
+        junk = rng.choice([bytes(rng.randrange(256) for _ in range(rng.randint(1, 30))), b"\n:", b":X:\n", b"\t", b"\n\n:SCANIT_END:\n", b"\x1a\x04"])
+        return b[:i] + junk + b[i:], kind
+    if kind == "direction":
+        return b.replace(b"\tboth\t", rng.choice([b"\tforward\t", b"\tbackward\t", b"\tBOTH\t", b"\t\t", b"\tup\t"]), rng.randint(1, 3)), kind
+    if kind == "row":
+        m = re.search(rb"(:DATA_INFO:\n[^\n]*\n)(\t[^\n]*\n)", b)
+        if not m:
+            return b, kind
+        row = m.group(2)
+        return b[: m.end(1)] + rng.choice([row * 2, b"", row[:5] + b"\n", row.replace(b"\t", b" ")]) + b[m.end(2) :], kind
+    if kind == "marker":
+        return b.replace(b"\x1a\x04", rng.choice([b"\x1a", b"", b"\x1a\x05", b"\x1a\x04\x1a\x04"]), 1), kind
+    raise AssertionError(kind)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=180.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "sxm")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/sxm_crashes"))
+    args = ap.parse_args()
+    files = sorted(args.data.glob("*.sxm")) + sorted((args.data / "bad").glob("*"))
+    if not files:
+        print(f"no .sxm files in {args.data}", file=sys.stderr)
+        return 2
+    originals = [p.read_bytes() for p in files]
+    rng = random.Random(args.seed)
+    tried = crashes = 0
+    outcomes: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    crash_types: Counter[str] = Counter()
+    slowest = 0.0
+    t_end = time.monotonic() + args.seconds
+    while time.monotonic() < t_end:
+        data = originals[rng.randrange(len(originals))]
+        for _ in range(rng.randint(1, 3)):
+            data, kind = mutate(data, rng)
+            kinds[kind] += 1
+        tried += 1
+        t0 = time.perf_counter()
+        try:
+            try:
+                expected_size(data)
+            except ScanFormatError:
+                pass
+            read_sxm(data, name="fuzz")
+            outcomes["read ok"] += 1
+        except ScanFormatError as exc:
+            outcomes[type(exc).__name__] += 1
+        except Exception as exc:  # noqa: BLE001 - that is what we are hunting
+            crashes += 1
+            crash_types[f"{type(exc).__name__}: {exc}"[:120]] += 1
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"crash_{crashes:04d}.sxm").write_bytes(data)
+            if crashes <= 3:
+                traceback.print_exc()
+        slowest = max(slowest, time.perf_counter() - t0)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"seconds: {args.seconds:.0f}  seed: {args.seed}  source files: {len(files)}")
+    print(f"inputs tried: {tried}  ({tried / args.seconds:.0f}/s)")
+    print(f"crashes (untyped exceptions): {crashes}")
+    print("outcomes: " + ", ".join(f"{k} {v}" for k, v in outcomes.most_common()))
+    print("mutations: " + ", ".join(f"{k} {v}" for k, v in kinds.most_common()))
+    print(f"slowest input: {slowest * 1e3:.1f} ms  peak RSS: {peak_mb:.0f} MB")
+    for k, v in crash_types.most_common(10):
+        print(f"  {v} x {k}")
+    return 1 if crashes else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

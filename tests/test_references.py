@@ -1,0 +1,131 @@
+"""The reference library: files, provenance, pose-embedding cache, errors."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from adapters.references import ReferenceLibrary
+from adapters.sxm import read_sxm
+from agent.config import AgentConfig, NormaliseConfig
+from agent.errors import NoObjectError, ReferenceLibraryError
+from agent.pipeline import detect, reference_crop_at
+from models.pixel import PixelEncoder
+
+
+class CountingEncoder(PixelEncoder):
+    """Pixel encoder that counts how many crops it embedded."""
+
+    def __init__(self, size_px: int, tag: str = ""):
+        super().__init__(size_px)
+        self.id += tag
+        self.n = 0
+
+    def embed(self, crops):
+        self.n += len(crops)
+        return super().embed(crops)
+
+
+@pytest.fixture(scope="module")
+def au111(sxm_dir):
+    return read_sxm(sxm_dir / "au111_adsorbates_10nm_256_up.sxm")
+
+
+@pytest.fixture()
+def library(tmp_path, au111):
+    """A library with two real adsorbates picked from the Au(111) scan (species A and B)."""
+    cfg = AgentConfig()
+    _, regions = detect(au111, cfg)
+    inner = [r for r in regions if not r.touches_edge]
+    lib = ReferenceLibrary(tmp_path / "refs")
+    for species, r in zip(("A", "B"), inner):
+        x_nm, y_nm = au111.px_to_nm(*r.centroid_px)
+        crop, ps, prov = reference_crop_at(au111, float(x_nm), float(y_nm), cfg, units="nm")
+        lib.add(species, crop, ps, prov)
+    return lib
+
+
+def test_missing_or_empty_library(tmp_path):
+    with pytest.raises(ReferenceLibraryError, match="not found") as e:
+        ReferenceLibrary(tmp_path / "nope").entries()
+    assert str(tmp_path / "nope") in str(e.value)
+    (tmp_path / "empty" / "A").mkdir(parents=True)
+    with pytest.raises(ReferenceLibraryError, match="no reference"):
+        ReferenceLibrary(tmp_path / "empty").pose_embeddings(PixelEncoder(64), NormaliseConfig())
+    assert ReferenceLibrary(tmp_path / "nope").species() == []
+
+
+def test_add_writes_crop_preview_and_provenance(library, au111):
+    assert library.species() == ["A", "B"]
+    entries = library.entries()
+    assert len(entries) == 2
+    for e in entries:
+        crop = e.load()
+        assert crop.dtype == np.float32 and crop.ndim == 2 and np.isfinite(crop).all()
+        assert 1e-11 < float(np.ptp(crop)) < 1e-8  # physical heights (m) are kept
+        png = cv2.imread(str(e.path.with_suffix(".png")), cv2.IMREAD_UNCHANGED)
+        assert png.dtype == np.uint16 and png.shape == crop.shape
+        meta = json.loads(e.path.with_suffix(".json").read_text())
+        for key in ("scan", "frame_id", "position_nm", "position_px", "pixel_size_nm", "channel", "created", "extent_nm"):
+            assert key in meta
+        assert meta["frame_id"] == au111.frame_id
+        assert e.pixel_size_nm == pytest.approx(au111.pixel_size_nm)
+        # crop side = 2 x object extent
+        assert crop.shape[1] * e.pixel_size_nm[0] == pytest.approx(2 * e.extent_nm, abs=2 * e.pixel_size_nm[0])
+
+
+def test_pose_embeddings_cached_and_invalidated(library):
+    cfg = NormaliseConfig()
+    enc = CountingEncoder(64)
+    r1 = library.pose_embeddings(enc, cfg)
+    assert library.last_cache_hit is False and enc.n == 2 * 72
+    assert r1.emb.shape == (144, enc.dim) and r1.emb.dtype == np.float32
+    assert r1.species == ["A", "B"] and list(np.bincount(r1.species_idx)) == [72, 72]
+    assert r1.mirrored.sum() == 72 and set(np.round(r1.angle_deg)) == set(range(0, 360, 10))
+    assert r1.window_nm == pytest.approx(1.3 * max(e.extent_nm for e in library.entries()))
+    assert (library.folder / ".cache" / f"{r1.key}.npz").is_file()
+    # second call: from the cache, nothing re-embedded, same numbers
+    r2 = library.pose_embeddings(enc, cfg)
+    assert library.last_cache_hit is True and enc.n == 144
+    assert np.array_equal(r1.emb, r2.emb) and r2.species == r1.species
+    # mirror off invalidates (and halves the poses)
+    r3 = library.pose_embeddings(enc, NormaliseConfig(mirror=False))
+    assert library.last_cache_hit is False and enc.n == 144 + 72 and len(r3.emb) == 72
+    # another encoder id invalidates
+    other = CountingEncoder(64, tag="/other")
+    library.pose_embeddings(other, cfg)
+    assert library.last_cache_hit is False and other.n == 144
+    # a changed reference file invalidates
+    e = library.entries()[0]
+    np.save(e.path, e.load() * 2)
+    library.pose_embeddings(enc, cfg)
+    assert library.last_cache_hit is False
+
+
+def test_invalid_species_and_crop(tmp_path):
+    lib = ReferenceLibrary(tmp_path)
+    with pytest.raises(ReferenceLibraryError, match="species"):
+        lib.add("other", np.zeros((8, 8)), (0.1, 0.1))
+    with pytest.raises(ReferenceLibraryError, match="species"):
+        lib.add("../x", np.zeros((8, 8)), (0.1, 0.1))
+    with pytest.raises(ReferenceLibraryError, match="finite"):
+        lib.add("A", np.full((8, 8), np.nan), (0.1, 0.1))
+
+
+def test_reference_crop_at_picks_the_object(au111):
+    cfg = AgentConfig()
+    _, regions = detect(au111, cfg)
+    r = [r for r in regions if not r.touches_edge][0]
+    # a click a little off the centroid, in pixels, picks the same object
+    crop, ps, prov = reference_crop_at(au111, r.centroid_px[0] + 3, r.centroid_px[1] - 2, cfg, units="px")
+    assert prov["position_px"] == pytest.approx(list(r.centroid_px))
+    assert prov["extent_nm"] == pytest.approx(r.extent_nm)
+    # the object sits in the middle of the crop: its brightest part is near the centre
+    cy, cx = np.unravel_index(np.argmax(cv2.GaussianBlur(crop, (0, 0), 3)), crop.shape)
+    assert abs(cx - crop.shape[1] / 2) < crop.shape[1] / 4 and abs(cy - crop.shape[0] / 2) < crop.shape[0] / 4
+    # a click on empty surface far from any object
+    with pytest.raises(NoObjectError, match="no object"):
+        reference_crop_at(au111, 150, 130, cfg, units="px")
