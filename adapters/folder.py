@@ -209,9 +209,9 @@ class FolderSource:
         return bool(obs is not None and obs.is_alive())
 
     def pending(self) -> list[Path]:
-        """Files seen but not yet complete."""
+        """Files noticed but not yet handed on (incomplete, or not checked yet)."""
         with self._lock:
-            return sorted(self._pending)
+            return sorted(set(self._pending) | self._noticed)
 
     # ------------------------------------------------------------------ internals
     def _start_observer(self):
@@ -292,14 +292,14 @@ class FolderSource:
         obs = self._observer
         if self._stop.is_set() or obs is None or obs.is_alive():
             return
-        self.restarts += 1
         log.error("folder observer of %s died; restarting it (restart %d) and rescanning the folder",
-                  self.folder, self.restarts)
+                  self.folder, self.restarts + 1)
         try:
             obs.stop()
         except Exception:  # already dead
             pass
         self._observer = self._start_observer()
+        self.restarts += 1
         self._notice_tree(self.folder)  # files that arrived while nobody watched
 
     def _check(self) -> None:
@@ -314,11 +314,9 @@ class FolderSource:
             verdict = self._verdict(path, st, now)
             if verdict is None:
                 continue
-            with self._lock:
-                self._pending.pop(path, None)
-            if verdict == "gone":
-                continue
-            self._hand_on(path, st, error=None if verdict == "complete" else verdict)
+            if verdict == "gone" or self._hand_on(path, st, error=None if verdict == "complete" else verdict):
+                with self._lock:  # only now: pending() never misses a file between the two states
+                    self._pending.pop(path, None)
 
     def _verdict(self, path: Path, st: _Pending, now: float) -> str | None:
         """None = keep waiting; "gone"; "complete"; or an error reason (never completed)."""
@@ -362,26 +360,28 @@ class FolderSource:
             return f"incomplete after {waited:.0f} s: {what}"
         return None
 
-    def _hand_on(self, path: Path, st: _Pending, error: str | None) -> None:
+    def _hand_on(self, path: Path, st: _Pending, error: str | None) -> bool:
+        """Hash and queue the file (or skip it as a duplicate). False = keep it pending."""
         try:
             before = path.stat()
             fid, size = sha256_file(path)
             after = path.stat()
+        except FileNotFoundError:
+            return True
         except OSError as exc:
             log.warning("%s: cannot read it (%s); will retry on its next change", path, exc)
-            return
+            return True
         if error is None and self._sig(before) != self._sig(after):
-            with self._lock:  # changed while hashing: not complete after all
-                self._pending.setdefault(path, st)
-            return
+            return False  # changed while hashing: not complete after all
         self._done[path] = self._sig(after)
         if fid in self._handed or self.known(fid):
             log.info("%s: skipped, same content (sha256 %s) already processed", path, fid[:12])
-            return
+            return True
         self._handed.add(fid)
         item = Arrival(path=path, frame_id=fid, size=size, received_at=datetime.now(timezone.utc),
                        received_mono=time.monotonic(), error=error, catch_up=st.catch_up)
         if error:
             log.warning("%s: %s", path, error)
         self.queue.put(item)
+        return True
 

@@ -310,8 +310,8 @@ def evaluate_set(folder: str | Path, overrides: dict | None = None, verbose: boo
     """End-to-end evaluation of one COCO set with one reference per class per image.
 
     For every image: the first box of each class that yields a segmented object is picked with
-    :func:`agent.pipeline.reference_crop_at` at the box centre (as a user would click it; the
-    reference extent is at least the box size), stored in a temporary reference library, the frame
+    :func:`agent.pipeline.reference_crop_at` at the box centre (as a user would click it with
+    ``stm-agent refs add --at``), stored in a temporary reference library, the frame
     is recognised and scored with :func:`evaluate_image` (reference boxes left out). Rendered images
     have no known pixel size: 1 "nm" per pixel. ``SET_OVERRIDES`` adds per-set settings (F-HPB:
     mirror off, the enantiomers are mirror images).
@@ -353,7 +353,6 @@ def evaluate_set(folder: str | Path, overrides: dict | None = None, verbose: boo
                         crop, ps, prov = reference_crop_at(scan, x + w / 2, y + h / 2, cfg, units="px")
                     except NoObjectError:
                         continue
-                    prov["extent_nm"] = max(prov["extent_nm"], float(max(w, h)))
                     lib.add(c.replace(" ", "_"), crop, ps, prov)  # library names have no spaces
                     skip.add(i)
                     break

@@ -1,8 +1,8 @@
 """End-to-end evaluation of the recognition pipeline on the labelled real images.
 
 For every image of every COCO set in ``../shared/data/labelled``: one reference per class present
-(the first box of that class, cut with ``reference_crop_at`` at the box centre, as a user would pick
-it), recognise the frame, match detections to ground truth (IoU >= 0.5 or centroid inside the box)
+(the segmented object at the centre of the first box of that class, cut with ``reference_crop_at``
+as ``stm-agent refs add --at`` does), recognise the frame, match detections to ground truth (IoU >= 0.5 or centroid inside the box)
 and print per-class precision / recall / F1. Also prints the segmentation recall (any detection
 matched to a box; and the stricter IoU >= 0.5 rate) and the recognition-only accuracy on
 ``labelled/crops``. Pixel size is unknown for these renders: 1 "nm" per pixel.

@@ -80,14 +80,14 @@ def test_file_written_line_by_line(make_source, sxm_dir):
         for k, line in enumerate(lines):
             f.write(line)
             f.flush()
-            if k % 10 == 0:
-                time.sleep(0.2)
+            if k % 25 == 0:
+                time.sleep(0.15)
                 assert src.queue.empty(), f"handed on with only {k + 1} header lines"
-        for i in range(head_end, len(data), 100_000):
-            f.write(data[i:i + 100_000])
+        for i in range(head_end, len(data), 200_000):
+            f.write(data[i:i + 200_000])
             f.flush()
-            time.sleep(0.2)
-            if i + 100_000 < len(data):
+            time.sleep(0.15)
+            if i + 200_000 < len(data):
                 assert src.queue.empty()
     item = get(src)
     assert item.error is None and item.frame_id == hashlib.sha256(data).hexdigest()
@@ -161,14 +161,14 @@ def test_invalid_header_is_handed_to_the_reader(make_source, sxm_dir):
 
 
 def test_non_sxm_waits_for_stable_size(make_source, labelled_dir):
-    src = make_source(patterns=["*.png"], settle_s=0.8)
+    src = make_source(patterns=["*.png"], settle_s=1.5)
     png = labelled_dir / "fhpb" / "fhpb_testset_0.png"
     data = png.read_bytes()
     dest = src.folder / "img.png"
     with open(dest, "wb") as f:
         f.write(data[: len(data) // 2])
         f.flush()
-        time.sleep(0.4)  # < settle_s
+        time.sleep(0.4)  # well below settle_s
         assert src.queue.empty()
         f.write(data[len(data) // 2:])
     item = get(src)

@@ -66,18 +66,20 @@ def test_missing_library_is_a_clear_error(tmp_path):
 
 
 def test_sparse_one_species_end_to_end(labelled_dir):
-    # one reference M per image (the first labelled box); look-alikes are unlabelled, so every
+    # one reference M per image (the object at the first labelled box's centre, picked as
+    # `refs add --at` does); look-alikes are unlabelled, so every
     # look-alike recognised as M is a false positive.
     t90, seg = evaluate_set(labelled_dir / "sparse")
     t98, _ = evaluate_set(labelled_dir / "sparse", {"match": {"threshold": 0.98}})
     _table("sparse@0.90", t90)
     _table("sparse@0.98", t98)
     print("segmentation", seg)
-    # measured (pixel encoder): @0.90 P 0.19 R 0.95 F1 0.32; @0.98 P 0.70 R 0.92 F1 0.79
+    # measured (pixel encoder, window 1.3 x segmented extent): @0.90 P 0.20 R 0.98 F1 0.34;
+    # @0.98 P 0.92 R 0.97 F1 0.94 (the blurred look-alikes correlate > 0.9 with M)
     assert seg["matched"] / seg["gt"] >= 0.93
-    assert t90["M"].prf()[1] >= 0.85
+    assert t90["M"].prf()[1] >= 0.9
     p98, r98, f98 = t98["M"].prf()
-    assert r98 >= 0.8 and f98 >= 0.65
+    assert r98 >= 0.85 and f98 >= 0.85
     assert p98 > t90["M"].prf()[0]  # a stricter threshold trades recall for precision
 
 

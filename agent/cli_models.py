@@ -1,0 +1,76 @@
+"""``stm-agent models``: export encoders (mounted by agent/cli.py as the ``models`` sub-command).
+
+    stm-agent models export --arch ViT-B-32 --pretrained openai|laion2b_s34b_b79k|PATH.pt|none --out DIR [--fp16] [--int8]
+
+Needs the optional extra ``pip install stm-agent[export]`` (torch, open_clip_torch, onnx).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+
+from agent.errors import StmAgentError
+
+models_app = typer.Typer(help="Encoder models: export open_clip to ONNX for the runtime.", no_args_is_help=True)
+_err = Console(stderr=True)
+
+
+@models_app.callback()
+def _models() -> None:
+    """Encoder models: export open_clip to ONNX for the runtime."""
+
+_IMAGE_EXT = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+def load_check_crops(folder: Path, limit: int = 64) -> list[np.ndarray]:
+    """Grey crops (uint8 2-D arrays) from image files under ``folder`` (recursive, sorted, at most ``limit``).
+
+    Raises
+    ------
+    typer.BadParameter
+        No readable image in the folder.
+    """
+    import cv2
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in _IMAGE_EXT)[:limit]
+    crops = [c for c in (cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in files) if c is not None]
+    if not crops:
+        raise typer.BadParameter(f"{folder}: no readable image (png/jpg/tif) to check the export with")
+    return crops
+
+
+@models_app.command("export")
+def export_cmd(
+    arch: str = typer.Option("ViT-B-32", "--arch", help="open_clip architecture."),
+    pretrained: str = typer.Option(..., "--pretrained",
+                                   help="Weights: an open_clip tag (openai, laion2b_s34b_b79k), a checkpoint "
+                                        "file PATH, or 'none' (random weights: tests/benchmarks only)."),
+    out: Path = typer.Option(..., "--out", help="Output model folder (model.onnx + model.json)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write OUT/fp16 (fp16 weights)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write OUT/int8 (dynamic int8 quantization)."),
+    check_dir: Optional[Path] = typer.Option(None, "--check-dir",
+                                             help="Folder of real STM crops (images) to check ONNX against torch; "
+                                                  "default: 8 synthetic crops."),
+    offline: bool = typer.Option(False, "--offline", help="Never try to download weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model in OUT."),
+) -> None:
+    """Export the image tower of an open_clip model to ONNX, check it, write model.json."""
+    try:
+        from models.export import export_clip
+    except ImportError as e:  # pragma: no cover - depends on the installed extras
+        _err.print(f"[bold red]error:[/] export needs `pip install stm-agent[export]` ({e})")
+        raise typer.Exit(code=2)
+    crops = load_check_crops(check_dir) if check_dir else None
+    try:
+        rep = export_clip(arch, None if pretrained.lower() == "none" else pretrained, out, fp16=fp16, int8=int8,
+                          check_crops=crops, offline=offline, overwrite=overwrite)
+    except StmAgentError as e:
+        _err.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    typer.echo(json.dumps(rep.to_json(), indent=2))

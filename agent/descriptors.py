@@ -1,0 +1,213 @@
+"""Physical per-object descriptors and their weighted combination with an encoder embedding.
+
+Descriptors (per object, from the flattened frame):
+
+- ``area_nm2``: pixels of the object mask x ``dx * dy`` (nm^2);
+- ``extent_nm``: largest Feret diameter of the mask (scikit-image ``regionprops``), nm;
+- ``height``: apparent height relative to the local background, i.e. the extreme value of the
+  object (in the direction of its contrast) minus the median of a ring around its box. In pm when
+  the frame is a topography in metres (``z_unit="m"``); for rendered images (no physical unit) in
+  units of the local roughness (1.4826 x MAD of the ring), ``height_unit = "sigma"``;
+- ``contrast_sign``: +1 for a protrusion (peak), -1 for a depression (trough).
+
+The mask is given (segmentation) or, for boxes only, the pixels beyond half the extreme
+deviation (half maximum) in the direction of the contrast, largest connected component.
+
+Combination (documented weighting): descriptors are standardised with a robust scaler (median,
+1.4826 MAD) fitted on the references (or the frame), L2-normalised, and concatenated with the
+L2-normalised embedding as ``[sqrt(1 - w) e, sqrt(w) d]``. The cosine of two combined vectors is
+then exactly ``(1 - w) cos(e, e') + w cos(d, d')``: ``w`` is the weight of the physical descriptors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from skimage.measure import label as _cc_label
+from skimage.measure import regionprops
+
+from models.base import l2_normalise
+
+FEATURES = ("log_area_nm2", "log_extent_nm", "height", "contrast_sign")
+
+
+@dataclass
+class Descriptors:
+    """Physical descriptors of N objects (arrays of shape ``(N,)``).
+
+    Attributes
+    ----------
+    area_nm2, extent_nm, height : np.ndarray
+        float64; see the module docstring. ``height`` is signed (negative for troughs).
+    contrast_sign : np.ndarray
+        int8, +1 peak / -1 trough.
+    height_unit : str
+        ``"pm"`` or ``"sigma"`` (local roughness units).
+    """
+
+    area_nm2: np.ndarray
+    extent_nm: np.ndarray
+    height: np.ndarray
+    contrast_sign: np.ndarray
+    height_unit: str
+
+    def matrix(self) -> np.ndarray:
+        """float64 ``(N, 4)``: log area, log extent, |height|, contrast sign (see ``FEATURES``).
+
+        Logs make sizes multiplicative (a 2x larger object is the same step at any scale).
+        """
+        return np.column_stack([
+            np.log(np.maximum(self.area_nm2, 1e-12)),
+            np.log(np.maximum(self.extent_nm, 1e-12)),
+            np.abs(self.height),
+            self.contrast_sign.astype(np.float64),
+        ])
+
+
+def describe_objects(
+    image: np.ndarray,
+    bboxes_px: np.ndarray,
+    pixel_size_nm: tuple[float, float],
+    masks: list[np.ndarray] | None = None,
+    z_unit: str | None = "m",
+    ring_px: int | None = None,
+) -> Descriptors:
+    """Measure the physical descriptors of objects in one frame.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        ``(ny, nx)`` float frame (flattened topography in m, or a rendered grey image); NaN allowed.
+    bboxes_px : np.ndarray
+        ``(N, 4)`` int ``(x, y, w, h)`` boxes, pixels.
+    pixel_size_nm : (dx, dy)
+        Pixel size, nm.
+    masks : list of bool arrays | None
+        Per object a bool ``(h, w)`` mask inside its box (e.g. from segmentation); None: half-maximum
+        mask (module docstring).
+    z_unit : {"m", None}
+        ``"m"``: heights in pm; ``None``: heights in units of the local roughness.
+    ring_px : int | None
+        Width of the background ring around each box; default ``max(3, box size / 2)``.
+
+    Returns
+    -------
+    Descriptors
+
+    Raises
+    ------
+    ValueError
+        Bad shapes, non-positive pixel size, or ``masks`` of the wrong length/shape.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim != 2:
+        raise ValueError(f"image must be 2-D, got {img.shape}")
+    dx, dy = map(float, pixel_size_nm)
+    if not (dx > 0 and dy > 0):
+        raise ValueError(f"pixel size must be positive, got {pixel_size_nm}")
+    if z_unit not in ("m", None):
+        raise ValueError(f"z_unit must be 'm' or None, got {z_unit!r}")
+    b = np.asarray(bboxes_px, dtype=np.int64).reshape(-1, 4)
+    if masks is not None and len(masks) != len(b):
+        raise ValueError(f"{len(masks)} masks for {len(b)} boxes")
+    ny, nx = img.shape
+    n = len(b)
+    area = np.zeros(n)
+    extent = np.zeros(n)
+    height = np.zeros(n)
+    sign = np.ones(n, dtype=np.int8)
+    for i, (x, y, w, h) in enumerate(b):  # one vectorised measurement per object
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, nx), min(y + h, ny)
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"box {i} {tuple(b[i])} lies outside the {nx}x{ny} image")
+        r = ring_px if ring_px is not None else max(3, int(round(max(w, h) / 2)))
+        X0, Y0, X1, Y1 = max(x0 - r, 0), max(y0 - r, 0), min(x1 + r, nx), min(y1 + r, ny)
+        win = img[Y0:Y1, X0:X1]
+        inner = np.zeros(win.shape, bool)
+        inner[y0 - Y0:y1 - Y0, x0 - X0:x1 - X0] = True
+        ring = win[~inner & np.isfinite(win)]
+        box = img[y0:y1, x0:x1]
+        bg = float(np.median(ring)) if ring.size else float(np.nanmedian(box))
+        d = box - bg
+        if masks is not None:
+            m = np.asarray(masks[i], bool)
+            if m.shape != (h, w):
+                raise ValueError(f"mask {i} has shape {m.shape}, box is {(h, w)}")
+            m = m[y0 - y:y1 - y, x0 - x:x1 - x]
+            vals = d[m & np.isfinite(d)]
+            s = 1 if (vals.size == 0 or np.mean(vals) >= 0) else -1
+        else:
+            hi, lo = np.nanmax(d), np.nanmin(d)
+            s = 1 if hi >= -lo else -1
+            m = (s * d) >= 0.5 * (s * (hi if s > 0 else lo))
+            lab = _cc_label(m, connectivity=2)
+            if lab.max() > 1:
+                counts = np.bincount(lab.ravel())[1:]
+                m = lab == (int(np.argmax(counts)) + 1)
+        sign[i] = s
+        peak = float(np.nanmax(s * d[m])) * s if m.any() else 0.0
+        if z_unit == "m":
+            height[i] = peak * 1e12
+        else:
+            mad = 1.4826 * float(np.median(np.abs(ring - bg))) if ring.size else 0.0
+            height[i] = peak / mad if mad > 0 else 0.0
+        area[i] = float(m.sum()) * dx * dy
+        if m.any():
+            props = regionprops(m.astype(np.uint8))[0]
+            # Feret diameter in pixels; scale by the mean pixel size (non-square pixels approximated)
+            extent[i] = float(props.feret_diameter_max) * np.sqrt(dx * dy)
+    return Descriptors(area, extent, height, sign, "pm" if z_unit == "m" else "sigma")
+
+
+class RobustScaler:
+    """Standardise descriptor matrices: ``(X - median) / (1.4826 MAD)`` per column.
+
+    Fit on the references (or on a frame). Columns with zero spread get scale 1.
+    """
+
+    def fit(self, x: np.ndarray) -> "RobustScaler":
+        """Fit on float ``(N, K)``; returns self. Raises ``ValueError`` for an empty matrix."""
+        a = np.asarray(x, dtype=np.float64)
+        if a.ndim != 2 or len(a) == 0:
+            raise ValueError(f"need a non-empty (N, K) matrix, got {a.shape}")
+        self.center_ = np.median(a, axis=0)
+        mad = 1.4826 * np.median(np.abs(a - self.center_), axis=0)
+        self.scale_ = np.where(mad > 0, mad, 1.0)
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """float ``(N, K)`` -> standardised float64 ``(N, K)``."""
+        return (np.asarray(x, dtype=np.float64) - self.center_) / self.scale_
+
+
+def combine(embedding: np.ndarray, descriptors_std: np.ndarray, weight: float) -> np.ndarray:
+    """Weighted combination of an encoder embedding and standardised descriptors.
+
+    Parameters
+    ----------
+    embedding : np.ndarray
+        float ``(N, D)`` (L2-normalised here again).
+    descriptors_std : np.ndarray
+        float ``(N, K)`` standardised descriptors (:class:`RobustScaler`).
+    weight : float
+        0..1, weight ``w`` of the descriptors in the cosine similarity.
+
+    Returns
+    -------
+    np.ndarray
+        float32 ``(N, D + K)`` = ``[sqrt(1-w) e, sqrt(w) d]``, unit rows when both parts are
+        non-zero; ``cos = (1-w) cos_e + w cos_d``.
+
+    Raises
+    ------
+    ValueError
+        ``weight`` outside 0..1 or row counts differ.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in 0..1, got {weight}")
+    e = l2_normalise(embedding)
+    d = l2_normalise(descriptors_std)
+    if len(e) != len(d):
+        raise ValueError(f"{len(e)} embeddings vs {len(d)} descriptor rows")
+    return np.concatenate([np.sqrt(1.0 - weight) * e, np.sqrt(weight) * d], axis=1).astype(np.float32)

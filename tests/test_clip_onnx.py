@@ -1,0 +1,114 @@
+"""Runtime CLIP encoder and its preprocessing, on real STM crops (tiny exported model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.config import EncoderConfig, NormaliseConfig
+from agent.errors import ConfigError, ModelError
+from models.clip_onnx import ClipOnnxEncoder
+from models.preprocess import clip_preprocess, resample_matrix
+from models.registry import make_encoder, make_encoders
+
+
+def _crop_files(labelled_dir: Path) -> list[Path]:
+    files = sorted((labelled_dir / "crops").rglob("*.jpg")) + sorted((labelled_dir / "crops").rglob("*.png"))
+    assert len(files) >= 40, "expected the real crops of ../shared/data/labelled/crops"
+    return files
+
+
+@pytest.fixture(scope="module")
+def grey_crops(labelled_dir) -> list[np.ndarray]:
+    """Real STM crops (42-136 px, some non-square) as grey uint8 arrays."""
+    return [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in _crop_files(labelled_dir)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, grey_crops) -> Path:
+    from models.export import TINY_TEST_CONFIG, export_clip
+
+    out = tmp_path_factory.mktemp("tiny")
+    export_clip("tiny-test-runtime", None, out, check_crops=grey_crops[:8], model_cfg=TINY_TEST_CONFIG)
+    return out
+
+
+def test_preprocess_matches_open_clip_transform(grey_crops):
+    """Our numpy preprocessing equals open_clip's PIL/torchvision transform on every real crop.
+
+    Pillow's fixed-point bicubic is reproduced exactly, so the tolerance is float32 rounding of
+    (v/255 - mean)/std (~1e-6); OpenCV's INTER_CUBIC is shown to be NOT equivalent (a = -0.75, no
+    antialias): a measured max difference of several grey levels.
+    """
+    import open_clip
+    from PIL import Image
+
+    _, _, pre = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+    ours = clip_preprocess(grey_crops)
+    ref = np.stack([pre(Image.fromarray(g, "L")).numpy() for g in grey_crops])
+    assert ours.shape == ref.shape == (len(grey_crops), 3, 224, 224)
+    assert np.abs(ours - ref).max() < 1e-5
+    # grey -> identical R, G, B up to the per-channel mean/std
+    std = np.array([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    v = ours[0] * std + mean
+    assert np.allclose(v[0], v[1], atol=1e-5) and np.allclose(v[0], v[2], atol=1e-5)
+    sq = [g for g in grey_crops if g.shape[0] == g.shape[1]][0]
+    cv = cv2.resize(sq, (224, 224), interpolation=cv2.INTER_CUBIC).astype(np.float64)
+    pil = np.asarray(Image.fromarray(sq, "L").resize((224, 224), Image.BICUBIC), dtype=np.float64)
+    assert np.abs(cv - pil).max() >= 1.0  # why OpenCV's resize is not used
+
+
+def test_resample_rows_sum_to_one():
+    for n_in, n_out in ((64, 224), (300, 224), (224, 224)):
+        w = resample_matrix(n_in, n_out)
+        assert w.shape == (n_out, n_in)
+        assert np.allclose(w.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_embeddings_normalised_deterministic_batch_independent(tiny_model, grey_crops):
+    crops = np.stack([cv2.resize(g, (64, 64), interpolation=cv2.INTER_AREA) for g in grey_crops[:20]])
+    a = ClipOnnxEncoder(tiny_model, batch_size=64).embed(crops)
+    b = ClipOnnxEncoder(tiny_model, batch_size=3, threads=1).embed(crops)
+    assert a.dtype == np.float32 and a.shape == (20, 32)
+    assert np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    assert np.abs(a - b).max() < 1e-5
+    enc = ClipOnnxEncoder(tiny_model)
+    assert np.array_equal(enc.embed(crops), enc.embed(crops))
+    assert enc.embed(crops[:0]).shape == (0, 32)
+    # different objects give different embeddings (not a constant output)
+    assert (a @ a.T)[np.triu_indices(20, 1)].min() < 0.9999
+
+
+def test_id_and_sha_mismatch(tiny_model, tmp_path):
+    enc = ClipOnnxEncoder(tiny_model)
+    meta = json.loads((tiny_model / "model.json").read_text())
+    assert enc.id == f"clip-onnx/tiny-test-runtime/{meta['onnx_sha256'][:12]}"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.onnx").write_bytes((tiny_model / "model.onnx").read_bytes() + b"\0")
+    (bad / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="sha256"):
+        ClipOnnxEncoder(bad)
+    with pytest.raises(ModelError, match="model.json"):
+        ClipOnnxEncoder(tmp_path)  # a folder without model.json
+    meta.pop("embed_dim")
+    (bad / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="embed_dim"):
+        ClipOnnxEncoder(bad)
+
+
+def test_registry(tiny_model):
+    norm = NormaliseConfig(size_px=64)
+    clip = make_encoder(EncoderConfig(name="clip", model_dir=tiny_model), norm)
+    assert clip.id.startswith("clip-onnx/")
+    assert make_encoder(EncoderConfig(name="zernike"), norm).id.startswith("zernike/v1/deg8")
+    assert make_encoder(EncoderConfig(name="pixel"), norm).id == "pixel/v1/size64"
+    with pytest.raises(ConfigError, match="model_dir"):
+        make_encoder(EncoderConfig(name="clip"), norm)
+    assert set(make_encoders(EncoderConfig(name="auto", model_dir=tiny_model), norm)) == {"pixel", "clip"}
+    assert set(make_encoders(EncoderConfig(name="auto"), norm)) == {"pixel", "zernike"}
