@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -82,8 +83,8 @@ def _parse_xy(text: str) -> tuple[float, float]:
     return x, y
 
 
-def _counts_table(title: str, counts: dict[str, int], n_edge: int) -> Table:
-    t = Table(title=title, title_justify="left")
+def _counts_table(counts: dict[str, int], n_edge: int) -> Table:
+    t = Table()
     t.add_column("species")
     t.add_column("count", justify="right")
     for s, n in counts.items():
@@ -112,7 +113,7 @@ def recognize(
 
     cfg = _config(config, refs, **{"match.threshold": threshold, "channel": channel})
     try:
-        rec = Recognizer.from_config(cfg)
+        rec = Recognizer.from_config(cfg, allow_empty=True)
     except StmAgentError as e:
         _fail(e)
     failed = 0
@@ -125,8 +126,9 @@ def recognize(
             failed += 1
             continue
         n_edge = sum(1 for d in result.detections if d.touches_edge)
-        console.print(_counts_table(f"{path.name}  ({result.encoder.get('name')}, "
-                                    f"{sum(result.timings_ms.values()):.0f} ms)", result.counts, n_edge))
+        console.print(f"[bold]{path.name}[/]  [dim]encoder {result.encoder.get('name')}, "
+                      f"{result.timings_ms.get('total', 0):.0f} ms, {result.scan.get('completeness', 1):.0%} of lines[/]")
+        console.print(_counts_table(result.counts, n_edge))
         files = write_result_files(result, out if out is not None else path.parent, path.stem,
                                    write_json=True, write_overlay=True)
         for f in files:
@@ -163,8 +165,9 @@ def refs_add(
             if pixel_size is None:
                 raise typer.BadParameter("--image needs --pixel-size (nm per pixel of the crop)")
             im = read_image(image, pixel_size)
-            crop = im.frame(im_channel := next(iter(im.channels)), "forward")
-            prov = {"image": str(image), "frame_id": im.frame_id, "channel": im_channel}
+            channel = next(iter(im.channels))
+            crop = im.frame(channel, "forward")
+            prov = {"image": str(image), "frame_id": im.frame_id, "channel": channel}
             path = lib.add(species, crop, pixel_size, prov)
         else:
             if scan is None or at is None:
@@ -175,7 +178,7 @@ def refs_add(
             path = lib.add(species, crop, psize, prov)
     except StmAgentError as e:
         _fail(e)
-    console.print(f"added reference of [bold]{species}[/] -> {path}")
+    console.print(f"added reference of [bold]{species}[/]: {path}", soft_wrap=True)
 
 
 @refs_app.command("list")
@@ -198,7 +201,7 @@ def refs_list(refs: Optional[Path] = RefsOpt, config: Optional[Path] = ConfigOpt
         prov = e.provenance if hasattr(e, "provenance") else {}
         src = prov.get("scan") or prov.get("image") or ""
         t.add_row(e.species, Path(str(e.path)).name, Path(str(src)).name if src else "",
-                  f"{float(e.pixel_size_nm):.4g}")
+                  " x ".join(f"{float(v):.4g}" for v in np.atleast_1d(e.pixel_size_nm)))
     console.print(t)
 
 

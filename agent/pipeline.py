@@ -6,6 +6,7 @@ Pure computation over numpy arrays; it imports no zmq, watchdog or sqlite.
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -15,11 +16,13 @@ import numpy as np
 
 from agent.config import AgentConfig
 from agent.domain import OTHER, Detection, FrameResult, Scan
-from agent.errors import EmptyScanError, NoObjectError
+from agent.errors import EmptyScanError, NoObjectError, ReferenceLibraryError
 from agent.flatten import flatten
 from agent.match import RefEmbeddings, match, species_scores
 from agent.normalise import frame_range, normalise_crops
 from agent.segment import Region, segment
+
+log = logging.getLogger(__name__)
 
 
 def detect(scan: Scan, cfg: AgentConfig) -> tuple[np.ndarray, list[Region]]:
@@ -132,13 +135,17 @@ class Recognizer:
         self.refs = refs
 
     @classmethod
-    def from_config(cls, cfg: AgentConfig) -> "Recognizer":
+    def from_config(cls, cfg: AgentConfig, *, allow_empty: bool = False) -> "Recognizer":
         """Load the library at ``cfg.references.folder`` and the encoder ``cfg.encoder``.
+
+        With ``allow_empty`` a missing or empty library is not an error: every object is then
+        counted as ``other`` (segmentation and counting still work; a warning says how to add
+        references).
 
         Raises
         ------
         ReferenceLibraryError
-            Missing or empty library.
+            Missing or empty library (unless ``allow_empty``).
         ConfigError
             Unknown encoder.
         """
@@ -146,7 +153,15 @@ class Recognizer:
         from models.registry import make_encoder
 
         encoder = make_encoder(cfg.encoder, cfg.normalise)
-        refs = ReferenceLibrary(cfg.references.folder).pose_embeddings(encoder, cfg.normalise)
+        try:
+            refs = ReferenceLibrary(cfg.references.folder).pose_embeddings(encoder, cfg.normalise)
+        except ReferenceLibraryError as e:
+            if not allow_empty:
+                raise
+            log.warning("%s; every object is counted as %r until you add references with "
+                        "`stm-agent refs add`", e, OTHER)
+            refs = RefEmbeddings(emb=np.zeros((0, 0), np.float32), species_idx=np.zeros(0, int),
+                                 angle_deg=np.zeros(0, np.float32), mirrored=np.zeros(0, bool), species=[])
         return cls(cfg, encoder, refs)
 
     def detect(self, scan: Scan) -> tuple[np.ndarray, list[Region]]:
@@ -184,9 +199,15 @@ class Recognizer:
         regions = segment(image, scan.pixel_size_nm, cfg.segment)
         t2 = time.perf_counter()
         centres = np.array([r.centroid_px for r in regions], dtype=np.float64).reshape(-1, 2)
-        grey = normalise_crops(image, centres, self.refs.window_nm, scan.pixel_size_nm, cfg.normalise)
+        if self.refs.species:
+            grey = normalise_crops(image, centres, self.refs.window_nm, scan.pixel_size_nm, cfg.normalise)
+        else:  # no references: nothing to compare with, every object is `other`
+            grey = np.zeros((0, cfg.normalise.size_px, cfg.normalise.size_px), np.uint8)
         t3 = time.perf_counter()
-        emb = self.encoder.embed(grey) if len(grey) else np.zeros((0, self.refs.emb.shape[1]), np.float32)
+        if len(grey):
+            emb = self.encoder.embed(grey)
+        else:
+            emb = np.zeros((len(regions), self.refs.emb.shape[1]), np.float32)
         t4 = time.perf_counter()
         names, sim, pose = match(emb, self.refs, cfg.match.threshold)
         scores, _ = species_scores(emb, self.refs)
