@@ -88,7 +88,7 @@ class Agent:
             if recognizer is None:
                 from agent.pipeline import Recognizer
 
-                recognizer = Recognizer.from_config(cfg)
+                recognizer = Recognizer.from_config(cfg, allow_empty=True)
             self.recognizer = recognizer
             p = cfg.publish
             self.publisher = Publisher(p.endpoint, sndhwm=p.sndhwm, linger_ms=p.linger_ms, agent_id=cfg.agent_id)
