@@ -6,6 +6,7 @@
     stm-agent run [--config FILE]              the daemon: watch the acquisition folder, publish
     stm-agent listen                           print live counts published by a running agent
     stm-agent config init                      print the commented default configuration
+    stm-agent models export ...                export an open_clip image encoder to ONNX
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agent.cli_models import models_app
 from agent.config import AgentConfig, default_yaml_text, load_config
 from agent.errors import StmAgentError
 
@@ -36,6 +38,7 @@ refs_app = typer.Typer(help="The reference library: one example per species you 
 config_app = typer.Typer(help="Configuration files.", no_args_is_help=True)
 app.add_typer(refs_app, name="refs")
 app.add_typer(config_app, name="config")
+app.add_typer(models_app, name="models")
 
 console = Console()
 err_console = Console(stderr=True)
