@@ -116,7 +116,7 @@ def render_overlay(result: FrameResult, image: np.ndarray, pixel_size_nm: tuple[
     cv2.putText(legend, f"edge (not counted): {n_edge}", (12, ytxt), cv2.FONT_HERSHEY_SIMPLEX, fs * 0.8,
                 (170, 170, 170), 1, cv2.LINE_AA)
     ytxt += line
-    enc = result.encoder.get("name", "?")
+    enc = result.encoder_label
     cv2.putText(legend, f"encoder: {enc}", (12, ytxt), cv2.FONT_HERSHEY_SIMPLEX, fs * 0.8, (170, 170, 170), 1,
                 cv2.LINE_AA)
     return np.concatenate([canvas, legend], axis=1)

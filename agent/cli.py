@@ -129,7 +129,7 @@ def recognize(
             failed += 1
             continue
         n_edge = sum(1 for d in result.detections if d.touches_edge)
-        console.print(f"[bold]{path.name}[/]  [dim]encoder {result.encoder.get('name')}, "
+        console.print(f"[bold]{path.name}[/]  [dim]encoder {result.encoder_label}, "
                       f"{result.timings_ms.get('total', 0):.0f} ms, {result.scan.get('completeness', 1):.0%} of lines[/]")
         console.print(_counts_table(result.counts, n_edge))
         files = write_result_files(result, out if out is not None else path.parent, path.stem,

@@ -92,9 +92,15 @@ class NormaliseConfig(_Strict):
 
 
 class EncoderConfig(_Strict):
-    """Which encoder embeds crops."""
+    """Which encoder embeds crops.
+
+    ``name: auto`` chooses between candidates (pixel + clip with ``model_dir``, else pixel +
+    zernike) with UniMR's adaptive selection; ``select`` says whether per frame (``per_frame``) or
+    once per session on the first frame with >= 2 objects (``once``).
+    """
 
     name: Literal["pixel", "clip", "zernike", "auto"] = "pixel"
+    select: Literal["per_frame", "once"] = "per_frame"
     model_dir: Path | None = None
     batch_size: int = Field(64, ge=1)
     threads: int = Field(0, ge=0)

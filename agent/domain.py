@@ -243,6 +243,13 @@ class FrameResult:
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
+    def encoder_label(self) -> str:
+        """Encoder name for people: ``pixel``, or ``auto -> zernike`` when UniMR selection chose."""
+        name = str(self.encoder.get("name", "?"))
+        chosen = self.encoder.get("chosen")
+        return f"{name} -> {chosen}" if chosen and chosen != name else name
+
+    @property
     def n_objects(self) -> int:
         """Number of counted objects (not touching the edge)."""
         return int(sum(self.counts.values()))

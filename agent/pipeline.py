@@ -125,18 +125,33 @@ class Recognizer:
     ----------
     cfg : AgentConfig
     encoder : models.base.Encoder
+        The encoder (for ``encoder.name: auto`` the fallback candidate, i.e. the first).
     refs : RefEmbeddings
         Pose embeddings of the references (made with ``encoder`` and ``cfg.normalise``).
+    candidates : dict[str, tuple[Encoder, RefEmbeddings]] | None
+        ``encoder.name: auto`` only: every candidate encoder with its own cached reference pose
+        embeddings, ``{name: (encoder, refs)}`` in candidate order (first = fallback). The encoder
+        of each frame is then chosen with UniMR's adaptive selection (step 5, Cao et al., Adv. Sci.
+        2025; :func:`agent.selection.select_from_encoders`), per frame or once per session as
+        ``cfg.encoder.select`` says.
     """
 
-    def __init__(self, cfg: AgentConfig, encoder, refs: RefEmbeddings):
+    def __init__(self, cfg: AgentConfig, encoder, refs: RefEmbeddings,
+                 candidates: dict[str, tuple[Any, RefEmbeddings]] | None = None):
         self.cfg = cfg
         self.encoder = encoder
         self.refs = refs
+        self.candidates = dict(candidates) if candidates else None
+        #: ``select: once``: the selection that fixed the encoder and the frame it was made on
+        self.locked: tuple[str, dict[str, Any]] | None = None
 
     @classmethod
     def from_config(cls, cfg: AgentConfig, *, allow_empty: bool = False) -> "Recognizer":
-        """Load the library at ``cfg.references.folder`` and the encoder ``cfg.encoder``.
+        """Load the library at ``cfg.references.folder`` and the encoder(s) ``cfg.encoder``.
+
+        For ``encoder.name: auto`` every candidate of :func:`models.registry.make_encoders` is built
+        and the reference pose embeddings are loaded (or computed and cached; the cache is keyed by
+        encoder id) for each of them.
 
         With ``allow_empty`` a missing or empty library is not an error: every object is then
         counted as ``other`` (segmentation and counting still work; a warning says how to add
@@ -148,21 +163,31 @@ class Recognizer:
             Missing or empty library (unless ``allow_empty``).
         ConfigError
             Unknown encoder.
+        ModelError
+            The CLIP model folder is invalid (``clip``, or ``auto`` with ``model_dir``).
         """
         from adapters.references import ReferenceLibrary
-        from models.registry import make_encoder
+        from models.registry import make_encoders
 
-        encoder = make_encoder(cfg.encoder, cfg.normalise)
+        encoders = make_encoders(cfg.encoder, cfg.normalise)
+        lib = ReferenceLibrary(cfg.references.folder)
+        ref_sets: dict[str, RefEmbeddings] = {}
         try:
-            refs = ReferenceLibrary(cfg.references.folder).pose_embeddings(encoder, cfg.normalise)
+            for name, enc in encoders.items():
+                ref_sets[name] = lib.pose_embeddings(enc, cfg.normalise)
         except ReferenceLibraryError as e:
             if not allow_empty:
                 raise
             log.warning("%s; every object is counted as %r until you add references with "
                         "`stm-agent refs add`", e, OTHER)
-            refs = RefEmbeddings(emb=np.zeros((0, 0), np.float32), species_idx=np.zeros(0, int),
-                                 angle_deg=np.zeros(0, np.float32), mirrored=np.zeros(0, bool), species=[])
-        return cls(cfg, encoder, refs)
+            ref_sets = {
+                name: RefEmbeddings(emb=np.zeros((0, 0), np.float32), species_idx=np.zeros(0, int),
+                                    angle_deg=np.zeros(0, np.float32), mirrored=np.zeros(0, bool), species=[])
+                for name in encoders
+            }
+        first = next(iter(encoders))
+        candidates = {n: (encoders[n], ref_sets[n]) for n in encoders} if cfg.encoder.name == "auto" else None
+        return cls(cfg, encoders[first], ref_sets[first], candidates)
 
     def detect(self, scan: Scan) -> tuple[np.ndarray, list[Region]]:
         """See :func:`detect`."""
@@ -171,6 +196,72 @@ class Recognizer:
     def reference_crop_at(self, scan: Scan, x: float, y: float, units: Literal["nm", "px"] = "nm"):
         """See :func:`reference_crop_at`."""
         return reference_crop_at(scan, x, y, self.cfg, units)
+
+    def _encode(self, grey: np.ndarray, frame_id: str) -> tuple[np.ndarray, RefEmbeddings, dict[str, Any]]:
+        """Embed the query crops and pick the encoder (adaptive selection for ``auto``).
+
+        ``auto``: the crops are embedded with every candidate, the UniMR selection (GMM(2) peak
+        separation of each candidate's max-similarity distribution, Cao et al., Adv. Sci. 2025)
+        picks one, and its embeddings are returned. ``select: once``: the first frame with >= 2
+        queries and at least one finite score fixes the encoder; later frames are embedded with
+        that encoder only.
+
+        Parameters
+        ----------
+        grey : np.ndarray
+            uint8 ``(N, S, S)`` normalised query crops (N may be 0).
+        frame_id : str
+            Identity of the frame (recorded when ``select: once`` fixes the encoder).
+
+        Returns
+        -------
+        (emb, refs, encoder_json)
+            float32 ``(N, D)`` query embeddings of the chosen encoder; that encoder's reference
+            pose embeddings; the ``FrameResult.encoder`` record.
+        """
+        if self.candidates is None:
+            info = {"name": getattr(self.encoder, "name", type(self.encoder).__name__), "id": self.encoder.id}
+            return self._embed(self.encoder, self.refs, grey), self.refs, info
+
+        from agent.selection import PeakSeparation, Selection, select_encoder, select_from_encoders
+
+        mode = self.cfg.encoder.select
+        if self.locked is not None:  # select: once, already chosen: one embedding pass only
+            name, sel_json = self.locked
+            enc, refs = self.candidates[name]
+            return self._embed(enc, refs, grey), refs, self._auto_json(name, sel_json, mode)
+        encs = {n: e for n, (e, _) in self.candidates.items()}
+        refs_emb = {n: r.emb for n, (_, r) in self.candidates.items()}
+        if not self.refs.species:  # empty library: nothing to compare with, every object `other`
+            fallback = next(iter(encs))
+            sel = Selection(fallback, {n: PeakSeparation(float("nan"), reason="no references") for n in encs},
+                            "fallback: no references")
+            emb = {fallback: self._embed(encs[fallback], self.candidates[fallback][1], grey)}
+        elif len(grey):
+            sel, emb = select_from_encoders(encs, grey, refs_emb)
+        else:  # no object: every score NaN ("0 queries"), fallback encoder
+            emb = {n: np.zeros((0, r.shape[1]), np.float32) for n, r in refs_emb.items()}
+            sel = select_encoder({n: (emb[n], refs_emb[n]) for n in encs})
+        sel_json = sel.to_json()
+        if (mode == "once" and len(grey) >= 2
+                and any(v.get("score") is not None for v in sel_json["scores"].values())):
+            sel_json = {**sel_json, "selected_on": frame_id}
+            self.locked = (sel.chosen, sel_json)
+        return emb[sel.chosen], self.candidates[sel.chosen][1], self._auto_json(sel.chosen, sel_json, mode)
+
+    def _auto_json(self, chosen: str, sel_json: dict[str, Any], mode: str) -> dict[str, Any]:
+        """``FrameResult.encoder`` for ``auto``: ``Selection.to_json()`` + name, chosen id, select mode."""
+        out = {"name": "auto", "id": self.candidates[chosen][0].id, "select": mode, **sel_json}
+        if self.locked is not None and mode == "once":
+            out["locked"] = True
+        return out
+
+    @staticmethod
+    def _embed(encoder, refs: RefEmbeddings, grey: np.ndarray) -> np.ndarray:
+        """float32 ``(N, D)`` embeddings of ``grey`` (``(0, D)`` without crops)."""
+        if len(grey):
+            return encoder.embed(grey)
+        return np.zeros((0, refs.emb.shape[1]), np.float32)
 
     def recognise(self, scan: Scan) -> FrameResult:
         """Recognise every object of one frame.
@@ -181,8 +272,12 @@ class Recognizer:
             ``counts`` for every species + ``other`` (objects touching the edge excluded when
             ``cfg.segment.exclude_edge``), one :class:`Detection` per segmented object (centroid in
             controller nm, area nm^2, species, similarity, pose, per-species scores), ``timings_ms``
-            (flatten, segment, normalise, encode, match, total), ``encoder`` {name, id},
-            ``scan`` summary and ``image`` (the flattened frame).
+            (flatten, segment, normalise, encode (+ selection for ``auto``), match, total),
+            ``encoder``, ``scan`` summary and ``image`` (the flattened frame). ``encoder`` is
+            ``{name, id}`` for a fixed encoder; for ``auto`` it is ``Selection.to_json()``
+            (``chosen``, ``reason``, ``scores`` of every candidate) + ``name: "auto"``, ``id`` of
+            the chosen encoder, ``select`` mode, and with ``select: once`` ``selected_on`` (frame
+            id the choice was made on) and ``locked: true`` once fixed.
 
         Raises
         ------
@@ -204,16 +299,15 @@ class Recognizer:
         else:  # no references: nothing to compare with, every object is `other`
             grey = np.zeros((0, cfg.normalise.size_px, cfg.normalise.size_px), np.uint8)
         t3 = time.perf_counter()
-        if len(grey):
-            emb = self.encoder.embed(grey)
-        else:
-            emb = np.zeros((len(regions), self.refs.emb.shape[1]), np.float32)
+        emb, refs, encoder_info = self._encode(grey, scan.frame_id)
+        if len(emb) != len(regions):  # no references: zero rows, every object `other`
+            emb = np.zeros((len(regions), refs.emb.shape[1]), np.float32)
         t4 = time.perf_counter()
-        names, sim, pose = match(emb, self.refs, cfg.match.threshold)
-        scores, _ = species_scores(emb, self.refs)
+        names, sim, pose = match(emb, refs, cfg.match.threshold)
+        scores, _ = species_scores(emb, refs)
         t5 = time.perf_counter()
         xs, ys = scan.px_to_nm(centres[:, 0], centres[:, 1])
-        counts = {s: 0 for s in self.refs.species}
+        counts = {s: 0 for s in refs.species}
         counts[OTHER] = 0
         dets = []
         for i, r in enumerate(regions):
@@ -227,7 +321,7 @@ class Recognizer:
                     species=names[i],
                     similarity=float(sim[i]),
                     pose=pose[i],
-                    scores={s: float(scores[i, k]) for k, s in enumerate(self.refs.species)},
+                    scores={s: float(scores[i, k]) for k, s in enumerate(refs.species)},
                 )
             )
             if not (r.touches_edge and cfg.segment.exclude_edge):
@@ -239,7 +333,7 @@ class Recognizer:
             scan=scan.summary(),
             counts=counts,
             detections=dets,
-            encoder={"name": getattr(self.encoder, "name", type(self.encoder).__name__), "id": self.encoder.id},
+            encoder=encoder_info,
             timings_ms={
                 "flatten": ms(t0, t1), "segment": ms(t1, t2), "normalise": ms(t2, t3),
                 "encode": ms(t3, t4), "match": ms(t4, t5), "total": ms(t0, t5),
