@@ -6,7 +6,7 @@ is a real file from ../shared/data/sxm with 1-3 stacked mutations: truncation, b
 or data, deletion of a header key, absurd or random SCAN_PIXELS, junk inserted into the header,
 duplicated/removed DATA_INFO rows, changed Direction column. Crashing inputs are saved to --out.
 
-Usage: python scripts/fuzz_sxm.py [--seconds 180] [--seed 0] [--out /tmp/sxm_crashes]
+Usage: python scripts/fuzz_sxm.py [--seconds 180] [--seed 0] [--out DIR]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import random
 import re
 import resource
 import sys
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -78,7 +79,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=180.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "sxm")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/sxm_crashes"))
+    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "sxm_crashes")
     args = ap.parse_args()
     files = sorted(args.data.glob("*.sxm")) + sorted((args.data / "bad").glob("*"))
     if not files:
