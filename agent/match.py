@@ -97,6 +97,16 @@ def match(
         species; list of N ``(angle_deg, mirrored)`` of the best reference pose.
     """
     scores, best = species_scores(query_emb, refs)
+    return assign(scores, best, refs, threshold)
+
+
+def assign(
+    scores: np.ndarray, best: np.ndarray, refs: RefEmbeddings, threshold: float = 0.9
+) -> tuple[list[str], np.ndarray, list[tuple[float, bool]]]:
+    """The decision step of :func:`match`, from :func:`species_scores`' ``(scores, best_row)``.
+
+    Returns the same ``(species, similarity, pose)`` as :func:`match`.
+    """
     n = len(scores)
     if n == 0 or scores.shape[1] == 0:
         return [OTHER] * n, np.zeros(n, np.float32), [(0.0, False)] * n

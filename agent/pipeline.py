@@ -18,7 +18,7 @@ from agent.config import AgentConfig
 from agent.domain import OTHER, Detection, FrameResult, Scan
 from agent.errors import EmptyScanError, NoObjectError, ReferenceLibraryError
 from agent.flatten import flatten
-from agent.match import RefEmbeddings, match, species_scores
+from agent.match import RefEmbeddings, assign, species_scores
 from agent.normalise import frame_range, normalise_crops
 from agent.segment import Region, segment
 
@@ -303,8 +303,8 @@ class Recognizer:
         if len(emb) != len(regions):  # no references: zero rows, every object `other`
             emb = np.zeros((len(regions), refs.emb.shape[1]), np.float32)
         t4 = time.perf_counter()
-        names, sim, pose = match(emb, refs, cfg.match.threshold)
-        scores, _ = species_scores(emb, refs)
+        scores, best = species_scores(emb, refs)
+        names, sim, pose = assign(scores, best, refs, cfg.match.threshold)
         t5 = time.perf_counter()
         xs, ys = scan.px_to_nm(centres[:, 0], centres[:, 1])
         counts = {s: 0 for s in refs.species}
