@@ -41,6 +41,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from adapters.arrival import Arrival
 from adapters.sxm import expected_file_size
 from agent.config import AcquisitionConfig
 from agent.errors import ConfigError, ScanFormatError
@@ -67,37 +68,6 @@ def sha256_file(path: str | Path) -> tuple[str, int]:
             h.update(block)
             n += len(block)
     return h.hexdigest(), n
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """A complete file (or one that never completed) handed on to the daemon.
-
-    Attributes
-    ----------
-    path : Path
-        The file.
-    frame_id : str
-        sha256 (hex) of the bytes that were complete (for an error: the bytes there were).
-    size : int
-        Bytes hashed.
-    received_at : datetime
-        UTC time the file was found complete (start of the agent's latency).
-    received_mono : float
-        ``time.monotonic()`` at the same moment, for latency measurements.
-    error : str | None
-        None for a complete file; else why it is handed on unread (``"incomplete after N s ..."``).
-    catch_up : bool
-        Found by the catch-up scan at start (it arrived while the agent was not running).
-    """
-
-    path: Path
-    frame_id: str
-    size: int
-    received_at: datetime
-    received_mono: float
-    error: str | None = None
-    catch_up: bool = False
 
 
 @dataclass

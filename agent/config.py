@@ -22,8 +22,9 @@ class _Strict(BaseModel):
 
 
 class AcquisitionConfig(_Strict):
-    """Where new scans arrive and how the folder is watched."""
+    """The folder source: where new scans arrive and how the folder is watched."""
 
+    enabled: bool = True
     folder: Path = Path("./acquisition")
     patterns: list[str] = ["*.sxm"]
     recursive: bool = False
@@ -34,6 +35,27 @@ class AcquisitionConfig(_Strict):
     catch_up: bool = True
 
 
+class ControllerConfig(_Strict):
+    """The controller feed source: a ZeroMQ SUB socket receiving ``scan.sxm`` / ``scan.array`` /
+    ``scan.saved`` messages from the STM controller (or ``stm-agent replay``)."""
+
+    enabled: bool = False
+    endpoint: str = "tcp://127.0.0.1:5560"
+    topics: list[Literal["scan.sxm", "scan.array", "scan.saved"]] = ["scan.sxm", "scan.array", "scan.saved"]
+    rcvhwm: int = Field(100, ge=1)
+    max_payload_mb: float = Field(512.0, gt=0)
+
+
+class NanonisConfig(_Strict):
+    """The Nanonis TCP source: ``Scan.WaitEndOfScan`` through the TCP programming interface."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(6501, ge=1, le=65535)
+    wait_timeout_s: float = Field(5.0, gt=0)
+    reconnect_s: float = Field(5.0, gt=0)
+
+
 class PublishConfig(_Strict):
     """ZeroMQ PUB socket the results are published on."""
 
@@ -41,6 +63,15 @@ class PublishConfig(_Strict):
     sndhwm: int = Field(10000, ge=1)
     linger_ms: int = Field(1000, ge=0)
     heartbeat_s: float = Field(5.0, ge=0)
+    query_endpoint: str | None = "tcp://127.0.0.1:5557"
+
+
+class MetricsConfig(_Strict):
+    """Optional Prometheus ``/metrics`` endpoint (needs prometheus-client)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
 
 
 class ResultsConfig(_Strict):
@@ -50,6 +81,7 @@ class ResultsConfig(_Strict):
     out_dir: Path | None = None
     write_json: bool = True
     write_overlay: bool = True
+    spool_dir: Path | None = None
 
 
 class ReferencesConfig(_Strict):
@@ -119,7 +151,10 @@ class AgentConfig(_Strict):
     channel: str = "Z"
     direction: Literal["forward", "backward"] = "forward"
     acquisition: AcquisitionConfig = AcquisitionConfig()
+    controller: ControllerConfig = ControllerConfig()
+    nanonis: NanonisConfig = NanonisConfig()
     publish: PublishConfig = PublishConfig()
+    metrics: MetricsConfig = MetricsConfig()
     results: ResultsConfig = ResultsConfig()
     references: ReferencesConfig = ReferencesConfig()
     flatten: FlattenConfig = FlattenConfig()
