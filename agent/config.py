@@ -142,6 +142,7 @@ class MatchConfig(_Strict):
     """Cosine-similarity matching against the references."""
 
     threshold: float = Field(0.9, ge=-1, le=1)
+    descriptor_weight: float = Field(0.0, ge=0, le=1)
 
 
 class AgentConfig(_Strict):
