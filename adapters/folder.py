@@ -120,6 +120,8 @@ class FolderSource:
         (from :meth:`start`) the folder does not exist and cannot be created, or is not a folder.
     """
 
+    name = "folder"
+
     def __init__(self, cfg: AcquisitionConfig, known: Callable[[str], bool] = lambda fid: False,
                  out: queue.Queue | None = None, check_interval_s: float = 0.1):
         self.cfg = cfg
@@ -177,6 +179,11 @@ class FolderSource:
         """True while the watchdog observer thread runs."""
         obs = self._observer
         return bool(obs is not None and obs.is_alive())
+
+    def stats(self) -> dict:
+        """Counters for the heartbeat: folder, files pending completion, observer state."""
+        return {"folder": str(self.folder), "pending": len(self.pending()), "observer_alive": self.observer_alive,
+                "observer_restarts": self.restarts}
 
     def pending(self) -> list[Path]:
         """Files noticed but not yet handed on (incomplete, or not checked yet)."""
@@ -343,15 +350,20 @@ class FolderSource:
             return True
         if error is None and self._sig(before) != self._sig(after):
             return False  # changed while hashing: not complete after all
-        self._done[path] = self._sig(after)
         if fid in self._handed or self.known(fid):
+            self._done[path] = self._sig(after)
             log.info("%s: skipped, same content (sha256 %s) already processed", path, fid[:12])
             return True
-        self._handed.add(fid)
         item = Arrival(path=path, frame_id=fid, size=size, received_at=datetime.now(timezone.utc),
                        received_mono=time.monotonic(), error=error, catch_up=st.catch_up)
         if error:
             log.warning("%s: %s", path, error)
-        self.queue.put(item)
+        try:
+            self.queue.put(item)
+        except Exception as exc:  # noqa: BLE001 - the inbox is full/locked: keep the file pending, retry
+            log.error("%s: cannot queue it (%s); will retry", path, exc)
+            return False
+        self._done[path] = self._sig(after)
+        self._handed.add(fid)
         return True
 

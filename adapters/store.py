@@ -1,10 +1,17 @@
-"""SQLite record of every frame the agent has seen (ok or error), keyed by the sha256 of the file.
+"""SQLite record of every frame the agent has seen (ok or error), keyed by the sha256 of the scan,
+and the on-disk queue of frames waiting to be processed.
 
-The store is what makes the agent idempotent: a frame whose ``frame_id`` (sha256 of the file
-bytes) is already recorded is never processed again, whatever its file name, and a restarted agent
-knows what it has done. Write-ahead logging (WAL) lets other processes read the file while the
-agent writes. The store never touches the scan files themselves (unreadable files are recorded,
-never deleted or moved).
+The store is what makes the agent exactly-once: a frame whose ``frame_id`` (sha256 of the scan
+bytes) is already recorded, or already waiting, is never taken again, whatever its file name or
+source, and a restarted agent knows what it has done. Sources put arrivals into the ``inbox``
+table; the worker takes the oldest, and :meth:`ResultStore.complete` inserts the ``frames`` row
+and deletes the inbox row in ONE transaction, so a kill at any point leaves each frame either
+waiting (processed again on restart) or recorded (never again). Publication is tracked by
+``published_at``: a frame recorded but not yet published when the agent died is published again
+on restart (at-least-once delivery; consumers de-duplicate by ``frame_id``).
+
+Write-ahead logging (WAL) lets other processes read the file while the agent writes. The store
+never touches the scan files themselves (unreadable files are recorded, never deleted or moved).
 
 Schema (table ``frames``)::
 
@@ -22,6 +29,18 @@ Schema (table ``frames``)::
     timings TEXT               -- JSON {step: ms}
     config_digest TEXT         -- AgentConfig.digest() of the effective configuration
     scan TEXT                  -- JSON Scan.summary() (pixels, range_nm, bias_V, ...)
+    name TEXT                  -- short name (file name, or the feed's name)
+    message TEXT               -- JSON frame.counts message as published (without seq)
+    published_at TEXT          -- ISO 8601 UTC when published; NULL = not yet (re-published on start)
+
+Table ``inbox`` (frames waiting; oldest first by ``id``)::
+
+    id INTEGER PRIMARY KEY AUTOINCREMENT, frame_id TEXT UNIQUE, source TEXT, kind TEXT
+    ('file' | 'sxm' | 'array'), path TEXT (the file, or the spooled payload), meta TEXT (JSON),
+    received_at TEXT, error TEXT, catch_up INTEGER, attempts INTEGER (times a worker took it)
+
+Table ``meta`` (key TEXT PRIMARY KEY, value TEXT): ``seq_reserved``, the highest message sequence
+number reserved by a publisher (see :meth:`ResultStore.reserve_seq`).
 """
 
 from __future__ import annotations
@@ -39,7 +58,7 @@ from agent.errors import StoreError
 
 __all__ = ["ResultStore", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -59,9 +78,25 @@ CREATE TABLE IF NOT EXISTS frames (
     scan TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS frames_processed_at ON frames (processed_at);
+CREATE TABLE IF NOT EXISTS inbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    frame_id TEXT NOT NULL UNIQUE,
+    source TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('file', 'sxm', 'array')),
+    path TEXT,
+    meta TEXT NOT NULL DEFAULT '{}',
+    received_at TEXT,
+    error TEXT,
+    catch_up INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
-_JSON_COLUMNS = ("counts", "detections", "encoder", "timings", "scan")
+# Columns added in schema 2 (ALTER TABLE for stores written by schema 1).
+_ADDED_COLUMNS = {"name": "TEXT", "message": "TEXT", "published_at": "TEXT"}
+
+_JSON_COLUMNS = ("counts", "detections", "encoder", "timings", "scan", "message")
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -117,6 +152,12 @@ class ResultStore:
                 raise StoreError(path, f"cannot enable write-ahead logging (journal_mode is {mode})")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(frames)")}
+            for col, typ in _ADDED_COLUMNS.items():
+                if col not in have:
+                    self._db.execute(f"ALTER TABLE frames ADD COLUMN {col} {typ}")
+            self._db.execute("CREATE INDEX IF NOT EXISTS frames_unpublished ON frames (published_at) "
+                             "WHERE published_at IS NULL")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise StoreError(path, f"cannot open the results database ({exc})") from exc
@@ -129,7 +170,15 @@ class ResultStore:
         marks = ", ".join("?" for _ in row)
         with self._lock:
             try:
-                cur = self._db.execute(f"INSERT OR IGNORE INTO frames ({cols}) VALUES ({marks})", tuple(row.values()))
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = self._db.execute(f"INSERT OR IGNORE INTO frames ({cols}) VALUES ({marks})",
+                                           tuple(row.values()))
+                    self._db.execute("DELETE FROM inbox WHERE frame_id = ?", (row["frame_id"],))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
             except sqlite3.Error as exc:
                 raise StoreError(self.path or ":memory:", f"cannot record frame {row['frame_id']} ({exc})") from exc
             return cur.rowcount == 1
@@ -140,8 +189,14 @@ class ResultStore:
         path: str | Path | None,
         config_digest: str | None,
         received_at: datetime | None = None,
+        *,
+        name: str | None = None,
+        message: dict[str, Any] | None = None,
+        source: str | None = None,
     ) -> bool:
         """Record one frame result (ok or error). Idempotent: a known ``frame_id`` is left unchanged.
+
+        Also removes the frame from the inbox, in the same transaction (see :meth:`complete`).
 
         Parameters
         ----------
@@ -153,6 +208,12 @@ class ResultStore:
             ``AgentConfig.digest()`` of the configuration that produced it.
         received_at : datetime | None
             When the complete file was noticed (UTC); None if unknown.
+        name : str | None
+            Short name for people (file name, or the feed's name).
+        message : dict | None
+            The ``frame.counts`` message to publish (kept for re-publication and queries).
+        source : str | None
+            Overrides ``result.source`` (``folder`` / ``controller`` / ``nanonis``).
 
         Returns
         -------
@@ -167,7 +228,7 @@ class ResultStore:
         body = result.to_json()
         row = {
             "frame_id": result.frame_id,
-            "source": result.source,
+            "source": source or result.source,
             "path": str(path) if path is not None else None,
             "received_at": _iso(received_at),
             "processed_at": _iso(result.processed_at) or _iso(datetime.now(timezone.utc)),
@@ -180,6 +241,8 @@ class ResultStore:
             "timings": _dumps(body["timings_ms"]),
             "config_digest": config_digest,
             "scan": _dumps(body["scan"]),
+            "name": name,
+            "message": _dumps(message) if message is not None else None,
         }
         return self._insert(row)
 
@@ -192,6 +255,8 @@ class ResultStore:
         source: str | None = None,
         config_digest: str | None = None,
         received_at: datetime | None = None,
+        name: str | None = None,
+        message: dict[str, Any] | None = None,
     ) -> bool:
         """Record a frame that could not be processed (status ``error`` with ``reason``).
 
@@ -216,14 +281,137 @@ class ResultStore:
             "status": "error",
             "reason": str(reason),
             "config_digest": config_digest,
+            "name": name,
+            "message": _dumps(message) if message is not None else None,
         }
         return self._insert(row)
 
+    def mark_published(self, frame_id: str) -> None:
+        """Note that the frame's messages went out (it is not re-published on the next start).
+
+        Raises
+        ------
+        StoreError
+            The database cannot be written.
+        """
+        self._exec("UPDATE frames SET published_at = ? WHERE frame_id = ?",
+                   (_iso(datetime.now(timezone.utc)), frame_id))
+
+    def unpublished(self) -> list[dict[str, Any]]:
+        """Recorded frames whose messages may not have gone out (oldest first, JSON decoded)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM frames WHERE published_at IS NULL ORDER BY rowid").fetchall()
+        return [self._row(r) for r in rows]  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ inbox (the on-disk queue)
+    def enqueue(
+        self,
+        frame_id: str,
+        *,
+        source: str,
+        kind: str = "file",
+        path: str | Path | None = None,
+        meta: dict[str, Any] | None = None,
+        received_at: datetime | None = None,
+        error: str | None = None,
+        catch_up: bool = False,
+    ) -> bool:
+        """Put a frame into the inbox unless it is recorded or already waiting.
+
+        Parameters
+        ----------
+        frame_id : str
+            sha256 hex of the scan bytes.
+        source : str
+            ``folder`` / ``controller`` / ``nanonis``.
+        kind : {"file", "sxm", "array"}
+            How to read ``path``: a scan file, a spooled .sxm payload, a spooled raw array.
+        path : str | Path | None
+            The file to read.
+        meta : dict | None
+            JSON-able header (array description, name ...).
+        received_at : datetime | None
+            When it arrived (UTC).
+        error : str | None
+            Set for frames that arrive as failures (incomplete file ...): recorded as errors.
+        catch_up : bool
+            Found by the catch-up at start.
+
+        Returns
+        -------
+        bool
+            True if queued; False if this frame_id is recorded or waiting already.
+
+        Raises
+        ------
+        StoreError
+            The database cannot be written (disk full ...).
+        """
+        cur = self._exec(
+            "INSERT OR IGNORE INTO inbox (frame_id, source, kind, path, meta, received_at, error, catch_up) "
+            "SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM frames WHERE frame_id = ?)",
+            (frame_id, source, kind, str(path) if path is not None else None, _dumps(meta or {}),
+             _iso(received_at), error, int(bool(catch_up)), frame_id))
+        return cur.rowcount == 1
+
+    def claim(self) -> dict[str, Any] | None:
+        """The oldest waiting frame, its ``attempts`` counter incremented first (so a frame that
+        kills the agent every time can be given up); None when the inbox is empty.
+
+        Raises
+        ------
+        StoreError
+            The database cannot be written.
+        """
+        with self._lock:
+            r = self._db.execute("SELECT * FROM inbox ORDER BY id LIMIT 1").fetchone()
+            if r is None:
+                return None
+            self._exec("UPDATE inbox SET attempts = attempts + 1 WHERE id = ?", (r["id"],))
+            out = dict(r)
+        out["attempts"] += 1
+        out["meta"] = json.loads(out["meta"] or "{}")
+        out["catch_up"] = bool(out["catch_up"])
+        return out
+
+    def pending_count(self) -> int:
+        """Frames waiting in the inbox."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0])
+
+    def reserve_seq(self, block: int) -> int:
+        """Reserve ``block`` message sequence numbers; returns the first one.
+
+        Sequence numbers so survive restarts: a restarted publisher starts after everything ever
+        reserved (numbers reserved but not used are skipped: gaps, never repeats).
+
+        Raises
+        ------
+        StoreError
+            The database cannot be written.
+        """
+        with self._lock:
+            r = self._db.execute("SELECT value FROM meta WHERE key = 'seq_reserved'").fetchone()
+            first = int(r[0]) + 1 if r is not None else 1
+            self._exec("INSERT INTO meta (key, value) VALUES ('seq_reserved', ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(first + block - 1),))
+            return first
+
+    def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args)
+            except sqlite3.Error as exc:
+                raise StoreError(self.path or ":memory:", f"cannot write the results database ({exc})") from exc
+
     # ------------------------------------------------------------------ reading
     def has(self, frame_id: str) -> bool:
-        """True if ``frame_id`` (sha256 hex) is recorded (ok or error)."""
+        """True if ``frame_id`` (sha256 hex) is recorded (ok or error) or waiting in the inbox."""
         with self._lock:
-            return self._db.execute("SELECT 1 FROM frames WHERE frame_id = ?", (frame_id,)).fetchone() is not None
+            return self._db.execute(
+                "SELECT 1 FROM frames WHERE frame_id = ? UNION ALL SELECT 1 FROM inbox WHERE frame_id = ?",
+                (frame_id, frame_id)).fetchone() is not None
 
     @staticmethod
     def _row(r: sqlite3.Row | None) -> dict[str, Any] | None:
@@ -235,9 +423,16 @@ class ResultStore:
         return out
 
     def get(self, frame_id: str) -> dict[str, Any] | None:
-        """The record of ``frame_id`` as a dict (JSON columns decoded), or None if unknown."""
+        """The record of ``frame_id`` as a dict (JSON columns decoded), or None if unknown.
+
+        A unique prefix of at least 8 hex characters is accepted too.
+        """
         with self._lock:
             r = self._db.execute("SELECT * FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
+            if r is None and 8 <= len(frame_id) < 64 and all(c in "0123456789abcdef" for c in frame_id):
+                rows = self._db.execute("SELECT * FROM frames WHERE frame_id LIKE ? LIMIT 2",
+                                        (frame_id + "%",)).fetchall()
+                r = rows[0] if len(rows) == 1 else None
         return self._row(r)
 
     def latest(self, n: int = 1) -> list[dict[str, Any]]:

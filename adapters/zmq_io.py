@@ -28,7 +28,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import zmq
 
@@ -110,6 +110,10 @@ class Publisher:
         Put in every message.
     context : zmq.Context, optional
         Defaults to the process-wide ``zmq.Context.instance()``.
+    seq : callable() -> int, optional
+        Source of sequence numbers (called under the publisher's lock, must increase); default
+        1, 2, 3 ... for this publisher. The agent passes one backed by the results store, so that
+        ``seq`` keeps increasing across restarts.
 
     Raises
     ------
@@ -118,11 +122,11 @@ class Publisher:
     """
 
     def __init__(self, endpoint: str, sndhwm: int = 10000, linger_ms: int = 1000, agent_id: str = "stm-agent",
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, seq: Callable[[], int] | None = None):
         self.agent_id = agent_id
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()
-        self._seq = itertools.count(1)
+        self._next_seq = seq if seq is not None else itertools.count(1).__next__
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, int(sndhwm))
         self._sock.setsockopt(zmq.LINGER, int(linger_ms))
@@ -152,7 +156,7 @@ class Publisher:
         with self._lock:
             if self._sock is None:
                 raise PublishError(self.endpoint, "publisher is closed")
-            full = {"schema": SCHEMA, "agent_id": self.agent_id, "seq": next(self._seq), **message}
+            full = {"schema": SCHEMA, "agent_id": self.agent_id, "seq": self._next_seq(), **message}
             frames = encode(topic, full)
             try:
                 self._sock.send_multipart(frames, flags=zmq.NOBLOCK)

@@ -82,6 +82,7 @@ class ResultsConfig(_Strict):
     write_json: bool = True
     write_overlay: bool = True
     spool_dir: Path | None = None
+    keep_received: bool = True
 
 
 class ReferencesConfig(_Strict):

@@ -1,33 +1,53 @@
-"""The daemon: folder source -> read scan -> recognise -> store, result files, ZeroMQ messages.
+"""The daemon: sources -> inbox (on disk) -> read scan -> recognise -> store -> result files, ZeroMQ.
 
-One :class:`Agent` per microscope. :meth:`Agent.run` is the worker loop: it takes complete files
-from the :class:`adapters.folder.FolderSource` queue one at a time, so frames are processed in
-arrival order and the recogniser is never used from two threads. Every frame ends as exactly one
-row in the SQLite store (ok or error) and one ``frame.counts`` message; a frame that cannot be
-read (any :class:`agent.errors.StmAgentError`) or that hits an unexpected exception is logged,
-recorded with the reason, published with ``status: "error"``, and the agent goes on.
+One :class:`Agent` per microscope. Data flows one way:
 
-Published topics (multipart ``[topic, JSON]``, see :mod:`adapters.zmq_io`; every message has
-``schema: 1``, ``agent_id``, ``seq``):
+1. **Sources** (each in its own thread) learn of new frames: the acquisition folder
+   (:class:`adapters.folder.FolderSource`), the controller's ZeroMQ feed
+   (:class:`adapters.controller.ControllerSource`), the Nanonis TCP interface
+   (:class:`adapters.nanonis_tcp.NanonisSource`); several may run at once. Each calls
+   :meth:`Agent.submit`, which writes received payloads into the spool folder and puts the frame
+   into the store's ``inbox`` table. Work that arrives faster than it is processed therefore
+   waits on disk, not in memory, and survives a crash; a frame already recorded or waiting (same
+   sha256, from any source) is not taken again.
+2. **The worker** (:meth:`Agent.run`) takes the oldest inbox frame, reads it, recognises it,
+   writes the result files, then records the result and removes the frame from the inbox in one
+   SQLite transaction (:meth:`adapters.store.ResultStore.record`), and only then publishes it and
+   marks it published. Killed at any point (SIGKILL), a restarted agent finishes what was waiting
+   and publishes again what was recorded but maybe not published: each frame is recorded exactly
+   once, and subscribers get every frame at least once (``redelivered: true`` on the second
+   time; de-duplicate by ``frame_id``). A frame that was being processed when the agent died
+   ``MAX_ATTEMPTS`` times is recorded as an error instead of being tried forever.
 
-* ``frame.counts``: ``frame_id`` (sha256 of the file), ``source``, ``path``, ``acquired_at``,
-  ``processed_at``, ``scan`` {pixels [nx, ny], range_nm, pixel_size_nm, bias_V, setpoint_A,
-  direction, angle_deg}, ``counts`` {species: n, incl. other}, ``n_objects``, ``encoder``,
-  ``timings_ms`` (read + pipeline steps), ``latency_ms`` (file found complete -> published),
-  ``status`` ("ok" | "error"), ``reason`` (errors), ``files`` (result files written), ``catch_up``.
-* ``frame.detections``: the same header plus ``detections`` (list of ``Detection.to_json()``);
-  ok frames only.
-* ``agent.status``: ``state`` "started" | "stopping", ``config_digest``, folder, endpoint,
+A frame that cannot be read (any :class:`agent.errors.StmAgentError`) or that hits an unexpected
+exception is logged, recorded with the reason, published with ``status: "error"``, and the agent
+goes on. Scan files are never moved or deleted.
+
+Published topics (multipart ``[topic, JSON]``, see :mod:`adapters.zmq_io` and the JSON Schemas in
+``adapters/schemas``; every message has ``schema: 1``, ``agent_id`` and ``seq``, which increases
+across restarts because it is reserved in blocks in the store):
+
+* ``frame.counts``: ``frame_id`` (sha256 of the scan bytes), ``source`` (folder | controller |
+  nanonis), ``path``, ``name``, ``acquired_at``, ``received_at``, ``processed_at``, ``scan``
+  {pixels [nx, ny], range_nm, pixel_size_nm, bias_V, setpoint_A, direction, angle_deg},
+  ``counts`` {species: n, incl. other}, ``n_objects``, ``encoder``, ``timings_ms`` (read +
+  pipeline steps), ``latency_ms`` (frame received -> published), ``status`` ("ok" | "error"),
+  ``reason``, ``files`` (result files written), ``catch_up``, ``redelivered``, ``config_digest``.
+* ``frame.detections``: the frame header plus ``detections`` (``Detection.to_json()``); ok
+  frames only.
+* ``agent.status``: ``state`` "started" | "stopping", ``config_digest``, endpoints, sources,
   encoder, species.
-* ``agent.heartbeat`` (every ``publish.heartbeat_s``): uptime_s, frames_done, errors,
-  queue_depth, pending, last_frame_id, observer_alive, observer_restarts.
+* ``agent.heartbeat`` (every ``publish.heartbeat_s``): uptime, frames done, errors, queue depth
+  (inbox), folder files pending completion, last frame, model, reference set, per-source stats.
+
+A late joiner asks the query endpoint (``publish.query_endpoint``, REQ/REP): ``latest``,
+``frame <frame_id>`` or ``status``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -35,22 +55,51 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from adapters.folder import Arrival, FolderSource
+from adapters.arrival import Arrival, Source
 from adapters.store import ResultStore
 from adapters.zmq_io import Publisher
 from agent.config import AgentConfig
-from agent.domain import FrameResult
-from agent.errors import StmAgentError
+from agent.domain import FrameResult, Scan
+from agent.errors import ScanFormatError, StmAgentError
 
-__all__ = ["Agent", "install_signal_handlers"]
+__all__ = ["Agent", "install_signal_handlers", "MAX_ATTEMPTS"]
 
 log = logging.getLogger(__name__)
 
+#: A frame taken from the inbox this many times without being recorded (the agent died while
+#: processing it each time) is recorded as an error rather than tried again.
+MAX_ATTEMPTS = 3
+_SEQ_BLOCK = 1000
+#: After a restart with work left over, wait this long before publishing it: subscribers that were
+#: connected before reconnect within ZeroMQ's reconnect interval (0.1 s) and would miss it otherwise.
+REDELIVERY_GRACE_S = 1.0
 _SCAN_KEYS = ("pixels", "range_nm", "pixel_size_nm", "bias_V", "setpoint_A", "direction", "angle_deg")
+_FRAME_HEADER = ("frame_id", "source", "path", "name", "acquired_at", "received_at", "processed_at", "scan")
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+class _Inlet:
+    """Queue-like front of :meth:`Agent.submit` for :class:`adapters.folder.FolderSource` (its ``out``)."""
+
+    def __init__(self, submit):
+        self.put = submit
+
+    @staticmethod
+    def qsize() -> int:
+        return 0
 
 
 class Agent:
@@ -63,12 +112,14 @@ class Agent:
         frame and published in ``agent.status``).
     recognizer : optional
         An object with ``recognise(scan) -> FrameResult``; default
-        ``agent.pipeline.Recognizer.from_config(cfg)`` (loads the reference library and encoder).
+        ``agent.pipeline.Recognizer.from_config(cfg, allow_empty=True)``.
+    sources : list of Source, optional
+        Replace the sources the config enables (tests). Each must call :meth:`submit`.
 
     Raises
     ------
     ReferenceLibraryError, ConfigError, ModelError
-        The recogniser cannot be built (missing/empty library, unknown encoder ...).
+        The recogniser or a source cannot be built (unknown encoder, bad model folder ...).
     StoreError
         The results database cannot be opened.
     PublishError
@@ -76,31 +127,40 @@ class Agent:
 
     Notes
     -----
-    :meth:`run` is called once; it releases the socket and the store when it returns.
+    :meth:`run` is called once; it releases the sockets and the store when it returns.
     """
 
-    def __init__(self, cfg: AgentConfig, recognizer: Any | None = None):
+    def __init__(self, cfg: AgentConfig, recognizer: Any | None = None, sources: list[Source] | None = None):
         self.cfg = cfg
         self.config_digest = cfg.digest()
         self.store = ResultStore(cfg.results.store)
         self.publisher: Publisher | None = None
+        self._seq_lock = threading.Lock()
+        self._seq_next, self._seq_high = 1, 0
         try:
             if recognizer is None:
                 from agent.pipeline import Recognizer
 
                 recognizer = Recognizer.from_config(cfg, allow_empty=True)
             self.recognizer = recognizer
+            self.spool_dir = Path(cfg.results.spool_dir) if cfg.results.spool_dir is not None else (
+                (self.store.path.parent if self.store.path is not None else Path(".")) / "spool")
+            self.sources: list[Source] = list(sources) if sources is not None else self._make_sources()
             p = cfg.publish
-            self.publisher = Publisher(p.endpoint, sndhwm=p.sndhwm, linger_ms=p.linger_ms, agent_id=cfg.agent_id)
+            self.publisher = Publisher(p.endpoint, sndhwm=p.sndhwm, linger_ms=p.linger_ms, agent_id=cfg.agent_id,
+                                       seq=self._seq)
         except BaseException:
             self.store.close()
             raise
-        self.source = FolderSource(cfg.acquisition, known=self.store.has)
+        self.query_server = None
+        self.metrics = None
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._ran = False
         self.frames_done = 0
         self.errors = 0
         self.last_frame_id: str | None = None
+        self.last_frame_at: str | None = None
         self._t_start = time.monotonic()
 
     # ------------------------------------------------------------------ public
@@ -109,21 +169,72 @@ class Agent:
         """The bound PUB endpoint (port resolved when the config asked for ``*``)."""
         return self.publisher.endpoint if self.publisher else self.cfg.publish.endpoint
 
+    @property
+    def query_endpoint(self) -> str | None:
+        """The bound query (REQ/REP) endpoint while running, else the configured one."""
+        return self.query_server.endpoint if self.query_server is not None else self.cfg.publish.query_endpoint
+
+    @property
+    def source(self):
+        """The folder source (None when ``acquisition.enabled`` is false)."""
+        return next((s for s in self.sources if getattr(s, "name", "") == "folder"), None)
+
     def stop(self) -> None:
         """Ask :meth:`run` to finish the frame in progress and shut down (thread- and signal-safe)."""
         self._stop.set()
+        self._wake.set()
+
+    def submit(self, arrival: Arrival) -> bool:
+        """Put a new frame into the on-disk inbox (called by the sources, from their threads).
+
+        A payload (``scan.sxm`` / ``scan.array`` received over the feed) is first written into the
+        spool folder as ``<frame_id>.sxm`` / ``<frame_id>.array`` (written to a temporary name,
+        then renamed, so a crash never leaves half a file under the final name).
+
+        Returns
+        -------
+        bool
+            True if queued; False if this frame (same sha256, from any source) is already
+            recorded or waiting.
+
+        Raises
+        ------
+        StoreError
+            The inbox cannot be written (the source logs it and goes on).
+        OSError
+            The spool folder cannot be written.
+        """
+        path = arrival.path
+        new = False
+        if not self.store.has(arrival.frame_id):
+            if arrival.payload is not None:
+                path = self._spool(arrival)
+            meta = dict(arrival.meta)
+            meta.setdefault("name", arrival.name)
+            new = self.store.enqueue(arrival.frame_id, source=arrival.source, kind=arrival.kind, path=path,
+                                     meta=meta,
+                                     received_at=arrival.received_at, error=arrival.error,
+                                     catch_up=arrival.catch_up)
+        if new:
+            self._wake.set()
+        else:
+            log.info("%s: skipped, frame %s already recorded or waiting", arrival.name, arrival.frame_id[:12])
+        return new
 
     def run(self, stop: threading.Event | None = None) -> None:
-        """Watch the folder and process each complete scan until :meth:`stop` (or ``stop`` is set).
+        """Run the sources and process each frame until :meth:`stop` (or ``stop`` is set).
 
-        On return the folder observer is stopped, ``agent.status`` "stopping" is published, the
-        socket is closed (pending messages kept up to LINGER ms) and the store is closed. Files
-        still waiting in the queue are processed by the catch-up of the next start.
+        On start, frames recorded but not published by an earlier run are published again
+        (``redelivered: true``) and frames left in the inbox are processed first. On return the
+        sources are stopped, ``agent.status`` "stopping" is published, the sockets and the store
+        are closed. Frames still in the inbox are processed by the next start.
 
         Raises
         ------
         ConfigError
-            The acquisition folder cannot be created.
+            A source cannot start (acquisition folder cannot be created ...).
+        PublishError
+            The query endpoint cannot be bound.
         RuntimeError
             ``run`` was already called on this agent.
         """
@@ -132,18 +243,22 @@ class Agent:
         self._ran = True
         cfg = self.cfg
         self._t_start = time.monotonic()
-        species = list(getattr(getattr(self.recognizer, "refs", None), "species", []) or [])
-        encoder = getattr(getattr(self.recognizer, "encoder", None), "id", None)
-        log.info("stm-agent %s starting: config digest %s; folder %s (%s); publishing on %s; encoder %s; "
-                 "species %s", cfg.agent_id, self.config_digest, cfg.acquisition.folder,
-                 "polling" if cfg.acquisition.polling else "OS events", self.endpoint, encoder, species)
+        species = self._species()
+        log.info("stm-agent %s starting: config digest %s; sources %s; publishing on %s; encoder %s; species %s",
+                 cfg.agent_id, self.config_digest, [s.name for s in self.sources] or "none", self.endpoint,
+                 self._encoder_id(), species)
+        log.info("effective configuration (digest %s): %s", self.config_digest, cfg.model_dump_json())
         try:
-            self.source.start()
+            self._start_services()
+            for s in self.sources:
+                s.start()
             self._publish("agent.status", {
                 "state": "started", "config_digest": self.config_digest, "pid": os.getpid(),
-                "folder": str(cfg.acquisition.folder), "endpoint": self.endpoint,
-                "encoder": encoder, "species": species, "at": _now().isoformat(),
+                "endpoint": self.endpoint, "query_endpoint": self.query_endpoint,
+                "sources": [s.name for s in self.sources], "folder": str(cfg.acquisition.folder),
+                "encoder": self._encoder_id(), "species": species, "at": _now().isoformat(),
             })
+            self._republish()
             hb = cfg.publish.heartbeat_s
             next_hb = time.monotonic()
             while not (self._stop.is_set() or (stop is not None and stop.is_set())):
@@ -151,73 +266,232 @@ class Agent:
                     self._heartbeat()
                     next_hb = time.monotonic() + hb
                 try:
-                    item = self.source.queue.get(timeout=0.1)
-                except queue.Empty:
+                    done = self.process_next()
+                except StmAgentError as exc:  # the store itself failed (disk full ...): wait, retry
+                    log.error("cannot take the next frame: %s", exc)
+                    self._stop.wait(1.0)
                     continue
-                try:
-                    self.process(item)
-                except Exception:  # noqa: BLE001 - one frame never kills the agent
-                    log.exception("%s: unexpected failure while handling the frame", item.path)
+                if done is None:
+                    self._wake.wait(0.1)
+                    self._wake.clear()
         finally:
             self._shutdown()
 
-    def process(self, item: Arrival) -> dict[str, Any]:
-        """Process one arrival: read, recognise, record, write result files, publish.
-
-        Errors of the frame (unreadable scan, unexpected exception) are caught, logged, recorded
-        and published with ``status: "error"``; the arrival's file is left untouched.
+    def process_next(self) -> dict[str, Any] | None:
+        """Take the oldest frame of the inbox and process it; None when the inbox is empty.
 
         Returns
         -------
-        dict
+        dict | None
             The ``frame.counts`` message as published.
+
+        Raises
+        ------
+        StoreError
+            The store cannot be read or written.
         """
-        if item.error is not None:
-            return self._fail(item, item.error)
+        row = self.store.claim()
+        if row is None:
+            return None
+        try:
+            return self._process(row)
+        except StmAgentError:
+            raise
+        except Exception:  # noqa: BLE001 - one frame never kills the agent
+            log.exception("%s: unexpected failure while handling the frame", row.get("path"))
+            return None
+
+    # ------------------------------------------------------------------ processing
+    def _process(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Read, recognise, write files, record (inbox -> frames), publish one inbox row."""
+        if row["error"]:
+            return self._fail(row, row["error"])
+        if row["attempts"] > MAX_ATTEMPTS:
+            return self._fail(row, f"given up after {MAX_ATTEMPTS} attempts: the agent stopped while "
+                                   "processing this frame each time")
         t0 = time.perf_counter()
         try:
-            from adapters.scanfile import read_scan
-
-            scan = read_scan(item.path)
+            scan = self._read(row)
             t_read = (time.perf_counter() - t0) * 1000.0
-            if scan.frame_id and scan.frame_id != item.frame_id:
+            if scan.frame_id and scan.frame_id != row["frame_id"]:
                 log.warning("%s: content changed after it was found complete (sha256 %s -> %s)",
-                            item.path, item.frame_id[:12], scan.frame_id[:12])
+                            row["path"], row["frame_id"][:12], scan.frame_id[:12])
             result: FrameResult = self.recognizer.recognise(scan)
         except StmAgentError as exc:
             reason = getattr(exc, "reason", None) or str(exc)
-            log.warning("%s: not processed: %s", item.path, reason)
-            return self._fail(item, reason)
+            log.warning("%s: not processed: %s", self._name(row), reason)
+            return self._fail(row, reason)
         except Exception as exc:  # noqa: BLE001
-            log.exception("%s: unexpected error while processing the frame", item.path)
-            return self._fail(item, f"internal error: {type(exc).__name__}: {exc}")
-        result.frame_id = item.frame_id if not scan.frame_id else scan.frame_id
+            log.exception("%s: unexpected error while processing the frame", self._name(row))
+            return self._fail(row, f"internal error: {type(exc).__name__}: {exc}")
+        result.frame_id = row["frame_id"]
         result.timings_ms = {"read": t_read, **result.timings_ms}
-        self.store.record(result, item.path, self.config_digest, received_at=item.received_at)
-        files = self._write_files(result, item.path)
-        header = self._header(result, item)
-        counts_msg = self._publish("frame.counts", {
-            **header,
+        files = self._write_files(result, row)
+        msg = {
+            **self._header(row, result.scan, result.processed_at),
             "counts": dict(result.counts),
             "n_objects": result.n_objects,
             "encoder": result.encoder,
             "timings_ms": {k: round(float(v), 3) for k, v in result.timings_ms.items()},
-            "latency_ms": round((time.monotonic() - item.received_mono) * 1000.0, 3),
+            "latency_ms": 0.0,
             "status": "ok",
             "reason": None,
             "files": [str(f) for f in files],
-            "catch_up": item.catch_up,
-        })
-        self._publish("frame.detections", {**header, "status": "ok",
-                                           "detections": [d.to_json() for d in result.detections]})
+            "catch_up": row["catch_up"],
+            "redelivered": False,
+            "config_digest": self.config_digest,
+        }
+        msg["latency_ms"] = self._latency_ms(msg["received_at"])
+        self.store.record(result, row["path"], self.config_digest, received_at=_parse_time(msg["received_at"]),
+                          name=msg["name"], message=msg, source=row["source"])
+        self._after_record(row)
+        detections = [d.to_json() for d in result.detections]
+        sent = self._publish_frame(msg, detections)
         self.frames_done += 1
-        self.last_frame_id = result.frame_id
-        log.info("%s: %s (%d objects, %.0f ms after arrival)", item.path.name,
-                 ", ".join(f"{k}={v}" for k, v in result.counts.items()), result.n_objects,
-                 counts_msg["latency_ms"])
-        return counts_msg
+        self._frame_metrics("ok", msg["latency_ms"])
+        log.info("%s: %s (%d objects, %.0f ms after arrival)", msg["name"],
+                 ", ".join(f"{k}={v}" for k, v in result.counts.items()), result.n_objects, msg["latency_ms"])
+        return sent
 
-    # ------------------------------------------------------------------ internals
+    def _read(self, row: dict[str, Any]) -> Scan:
+        kind, path = row["kind"], row["path"]
+        if kind == "file":
+            from adapters.scanfile import read_scan
+
+            return read_scan(path)
+        if kind == "sxm":
+            from adapters.sxm import read_sxm
+
+            scan = read_sxm(path)
+            scan.source = f"controller:{row['meta'].get('name') or row['frame_id'][:12]}"
+            return scan
+        from adapters.arrayscan import scan_from_array
+
+        try:
+            payload = Path(path).read_bytes()
+        except OSError as exc:
+            raise ScanFormatError(path, f"the spooled array is gone ({exc.strerror or exc})") from exc
+        return scan_from_array(row["meta"], payload, source=f"controller:{self._name(row)}", frame_id=row["frame_id"])
+
+    def _fail(self, row: dict[str, Any], reason: str) -> dict[str, Any]:
+        """Record, write and publish an error result for an inbox row."""
+        self.errors += 1
+        now = _now()
+        result = FrameResult(frame_id=row["frame_id"], source=row["source"], status="error", reason=reason,
+                             processed_at=now)
+        files = self._write_files(result, row)
+        msg = {
+            **self._header(row, None, now),
+            "counts": {}, "n_objects": 0, "encoder": {}, "timings_ms": {}, "latency_ms": 0.0,
+            "status": "error", "reason": reason, "files": [str(f) for f in files], "catch_up": row["catch_up"],
+            "redelivered": False, "config_digest": self.config_digest,
+        }
+        msg["latency_ms"] = self._latency_ms(msg["received_at"])
+        self.store.record_error(row["frame_id"], row["path"], reason, source=row["source"],
+                                config_digest=self.config_digest, received_at=_parse_time(row["received_at"]),
+                                name=msg["name"], message=msg)
+        self._after_record(row)
+        sent = self._publish_frame(msg, None)
+        self._frame_metrics("error", msg["latency_ms"])
+        return sent
+
+    def _after_record(self, row: dict[str, Any]) -> None:
+        if row["kind"] != "file" and not self.cfg.results.keep_received:
+            try:
+                Path(row["path"]).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("%s: cannot delete the spooled scan (%s)", row["path"], exc)
+
+    def _publish_frame(self, msg: dict[str, Any], detections: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """Publish frame.counts (and frame.detections for ok frames), then mark the frame published."""
+        sent = self._publish("frame.counts", msg)
+        if msg["status"] == "ok" and detections is not None:
+            self._publish("frame.detections", {**{k: msg.get(k) for k in _FRAME_HEADER}, "status": "ok",
+                                               "redelivered": msg["redelivered"], "detections": detections})
+        self.store.mark_published(msg["frame_id"])
+        self.last_frame_id = msg["frame_id"]
+        self.last_frame_at = msg["processed_at"]
+        return sent
+
+    def _republish(self) -> None:
+        """Publish again the frames recorded but not marked published (the agent died in between)."""
+        rows = self.store.unpublished()
+        if rows or self.store.pending_count():
+            self._stop.wait(REDELIVERY_GRACE_S)
+        for r in rows:
+            msg = dict(r["message"] or {})
+            if not msg:  # recorded by an older version without the message: rebuild the essentials
+                msg = {"frame_id": r["frame_id"], "source": r["source"], "path": r["path"],
+                       "name": r["name"] or Path(str(r["path"] or r["frame_id"])).name,
+                       "acquired_at": None, "received_at": r["received_at"] or r["processed_at"],
+                       "processed_at": r["processed_at"], "scan": None, "counts": r["counts"],
+                       "n_objects": r["n_objects"], "encoder": r["encoder"], "timings_ms": r["timings"],
+                       "latency_ms": 0.0, "status": r["status"], "reason": r["reason"], "files": [],
+                       "catch_up": False, "config_digest": r["config_digest"] or self.config_digest}
+            msg["redelivered"] = True
+            self._publish_frame(msg, r["detections"] if r["status"] == "ok" else None)
+        if rows:
+            log.info("published again %d frame(s) recorded but maybe not published before the last stop", len(rows))
+
+    # ------------------------------------------------------------------ helpers
+    def _seq(self) -> int:
+        """Next message sequence number, reserved in blocks in the store (increases across restarts)."""
+        with self._seq_lock:
+            if self._seq_next > self._seq_high:
+                self._seq_next = self.store.reserve_seq(_SEQ_BLOCK)
+                self._seq_high = self._seq_next + _SEQ_BLOCK - 1
+            n = self._seq_next
+            self._seq_next += 1
+            return n
+
+    def _spool(self, arrival: Arrival) -> Path:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        final = self.spool_dir / f"{arrival.frame_id}.{'sxm' if arrival.kind == 'sxm' else 'array'}"
+        if not final.exists():
+            tmp = final.with_suffix(final.suffix + f".{os.getpid()}.{threading.get_ident()}.part")
+            with open(tmp, "wb") as f:
+                f.write(arrival.payload or b"")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        return final
+
+    @staticmethod
+    def _name(row: dict[str, Any]) -> str:
+        return str(row["meta"].get("name") or (Path(row["path"]).name if row["path"] else row["frame_id"][:12]))
+
+    def _header(self, row: dict[str, Any], scan: dict[str, Any] | None, processed_at: datetime | None) -> dict[str, Any]:
+        return {
+            "frame_id": row["frame_id"],
+            "source": row["source"],
+            "path": row["path"] if row["kind"] == "file" else None,
+            "name": self._name(row),
+            "acquired_at": (scan or {}).get("acquired_at"),
+            "received_at": row["received_at"] or _now().isoformat(),
+            "processed_at": (processed_at or _now()).isoformat(),
+            "scan": {k: scan.get(k) for k in _SCAN_KEYS} if scan else None,
+        }
+
+    @staticmethod
+    def _latency_ms(received_at: str | None) -> float:
+        t = _parse_time(received_at)
+        return round(max((_now() - t).total_seconds(), 0.0) * 1000.0, 3) if t else 0.0
+
+    def _write_files(self, result: FrameResult, row: dict[str, Any]) -> list[Path]:
+        rc = self.cfg.results
+        if not (rc.write_json or rc.write_overlay):
+            return []
+        path = Path(row["path"]) if row["path"] else self.spool_dir / row["frame_id"]
+        out_dir = Path(rc.out_dir) if rc.out_dir is not None else path.parent
+        stem = path.stem if row["kind"] == "file" else Path(self._name(row)).stem + "." + row["frame_id"][:12]
+        try:
+            from adapters.outputs import write_result_files
+
+            return write_result_files(result, out_dir, stem, write_json=rc.write_json, write_overlay=rc.write_overlay)
+        except Exception as exc:  # noqa: BLE001 - results are in the store and on the socket anyway
+            log.error("%s: cannot write the result files into %s (%s)", path, out_dir, exc)
+            return []
+
     def _publish(self, topic: str, message: dict[str, Any]) -> dict[str, Any]:
         if self.publisher is None:
             return message
@@ -227,73 +501,114 @@ class Agent:
             log.error("cannot publish %s: %s", topic, exc)
             return message
 
-    def _header(self, result: FrameResult, item: Arrival) -> dict[str, Any]:
-        scan = result.scan or {}
+    def _species(self) -> list[str]:
+        return list(getattr(getattr(self.recognizer, "refs", None), "species", []) or [])
+
+    def _encoder_id(self) -> str | None:
+        return getattr(getattr(self.recognizer, "encoder", None), "id", None)
+
+    def _make_sources(self) -> list[Source]:
+        cfg, out = self.cfg, []
+        if cfg.acquisition.enabled:
+            from adapters.folder import FolderSource
+
+            out.append(FolderSource(cfg.acquisition, known=self.store.has, out=_Inlet(self.submit)))
+        if cfg.controller.enabled:
+            from adapters.controller import ControllerSource
+
+            out.append(ControllerSource(cfg.controller, self.submit, self.store.has))
+        if cfg.nanonis.enabled:
+            from adapters.nanonis_tcp import NanonisSource
+
+            out.append(NanonisSource(cfg.nanonis, self.submit, self.store.has))
+        if not out:
+            log.warning("no source enabled (acquisition, controller, nanonis): the agent only processes what "
+                        "is left in its inbox")
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """What the agent is doing now (the ``agent.heartbeat`` body; also the query's ``status``)."""
+        folder = self.source
+        enc = self.recognizer.encoder if hasattr(self.recognizer, "encoder") else None
+        sources = {}
+        for s in self.sources:
+            try:
+                sources[s.name] = s.stats()
+            except Exception as exc:  # noqa: BLE001 - a broken stats() must not stop the heartbeat
+                sources[s.name] = {"error": str(exc)}
         return {
-            "frame_id": result.frame_id,
-            "source": result.source,
-            "path": str(item.path),
-            "acquired_at": scan.get("acquired_at"),
-            "processed_at": (result.processed_at or _now()).isoformat(),
-            "scan": {k: scan.get(k) for k in _SCAN_KEYS} if scan else None,
-        }
-
-    def _fail(self, item: Arrival, reason: str) -> dict[str, Any]:
-        """Record, write and publish an error result for ``item``."""
-        self.errors += 1
-        result = FrameResult(frame_id=item.frame_id, source=str(item.path), status="error", reason=reason,
-                             processed_at=_now())
-        try:
-            self.store.record_error(item.frame_id, item.path, reason, source=str(item.path),
-                                    config_digest=self.config_digest, received_at=item.received_at)
-        except StmAgentError as exc:
-            log.error("cannot record the error of %s: %s", item.path, exc)
-        files = self._write_files(result, item.path)
-        msg = self._publish("frame.counts", {
-            **self._header(result, item),
-            "counts": {}, "n_objects": 0, "encoder": {}, "timings_ms": {},
-            "latency_ms": round((time.monotonic() - item.received_mono) * 1000.0, 3),
-            "status": "error", "reason": reason, "files": [str(f) for f in files], "catch_up": item.catch_up,
-        })
-        self.last_frame_id = item.frame_id
-        return msg
-
-    def _write_files(self, result: FrameResult, path: Path) -> list[Path]:
-        rc = self.cfg.results
-        if not (rc.write_json or rc.write_overlay):
-            return []
-        out_dir = Path(rc.out_dir) if rc.out_dir is not None else Path(path).parent
-        try:
-            from adapters.outputs import write_result_files
-
-            return write_result_files(result, out_dir, Path(path).stem, write_json=rc.write_json,
-                                      write_overlay=rc.write_overlay)
-        except Exception as exc:  # noqa: BLE001 - results are in the store and on the socket anyway
-            log.error("%s: cannot write the result files into %s (%s)", path, out_dir, exc)
-            return []
-
-    def _heartbeat(self) -> None:
-        self._publish("agent.heartbeat", {
             "uptime_s": round(time.monotonic() - self._t_start, 3),
             "frames_done": self.frames_done,
             "errors": self.errors,
-            "queue_depth": self.source.queue.qsize(),
-            "pending": len(self.source.pending()),
+            "queue_depth": self.store.pending_count(),
+            "pending": len(folder.pending()) if folder is not None else 0,
             "last_frame_id": self.last_frame_id,
-            "observer_alive": self.source.observer_alive,
-            "observer_restarts": self.source.restarts,
-            "encoder": getattr(getattr(self.recognizer, "encoder", None), "id", None),
-        })
+            "last_frame_at": self.last_frame_at,
+            "model": {"encoder": self.cfg.encoder.name, "id": getattr(enc, "id", None),
+                      "model_dir": str(self.cfg.encoder.model_dir) if self.cfg.encoder.model_dir else None},
+            "reference_set": {"folder": str(self.cfg.references.folder), "species": self._species()},
+            "sources": sources,
+            "at": _now().isoformat(),
+        }
+
+    def _heartbeat(self) -> None:
+        body = self.status()
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(body["queue_depth"])
+        self._publish("agent.heartbeat", body)
+
+    def _frame_metrics(self, status: str, latency_ms: float) -> None:
+        if self.metrics is not None:
+            self.metrics.frame_done(status, latency_ms / 1000.0)
+
+    def _query(self, command: str, arg: str | None) -> dict[str, Any] | None:
+        """Answer the query endpoint: ``latest``, ``frame <id>``, ``status``."""
+        if command == "status":
+            return {"agent_id": self.cfg.agent_id, **self.status()}
+        if command == "latest":
+            rows = self.store.latest(1)
+            row = rows[0] if rows else None
+        elif command == "frame" and arg:
+            row = self.store.get(arg)
+        else:
+            return None
+        if row is None:
+            return None
+        msg = dict(row["message"] or {"frame_id": row["frame_id"], "status": row["status"], "counts": row["counts"]})
+        if row["status"] == "ok":
+            msg["detections"] = row["detections"]
+        return {"agent_id": self.cfg.agent_id, **msg}
+
+    def _start_services(self) -> None:
+        p = self.cfg.publish
+        if p.query_endpoint:
+            from adapters.query import QueryServer
+
+            self.query_server = QueryServer(p.query_endpoint, self._query)
+            self.query_server.start()
+        if self.cfg.metrics.enabled:
+            from adapters.metrics import AgentMetrics
+
+            m = self.cfg.metrics
+            self.metrics = AgentMetrics(enabled=True, host=m.host, port=m.port)
+            self.metrics.start()
 
     def _shutdown(self) -> None:
         log.info("stm-agent %s stopping (%d frames, %d errors)", self.cfg.agent_id, self.frames_done, self.errors)
-        try:
-            self.source.stop()
-        except Exception:  # noqa: BLE001
-            log.exception("cannot stop the folder source cleanly")
+        for s in self.sources:
+            try:
+                s.stop()
+            except Exception:  # noqa: BLE001
+                log.exception("cannot stop the %s source cleanly", getattr(s, "name", "?"))
         self._publish("agent.status", {"state": "stopping", "config_digest": self.config_digest,
                                        "frames_done": self.frames_done, "errors": self.errors,
                                        "at": _now().isoformat()})
+        for svc in (self.query_server, self.metrics):
+            if svc is not None:
+                try:
+                    svc.stop()
+                except Exception:  # noqa: BLE001
+                    log.exception("cannot stop %s cleanly", type(svc).__name__)
         if self.publisher is not None:
             self.publisher.close()
         self.store.close()
@@ -302,8 +617,8 @@ class Agent:
 def install_signal_handlers(agent: Agent) -> dict[int, Any]:
     """Make SIGINT (Ctrl-C) and SIGTERM stop ``agent`` cleanly (call from the main thread).
 
-    The first signal asks the agent to stop (observer stopped, last frame finished, ``agent.status``
-    stopping published, socket and store closed by :meth:`Agent.run`); the handler then restores
+    The first signal asks the agent to stop (sources stopped, last frame finished, ``agent.status``
+    stopping published, sockets and store closed by :meth:`Agent.run`); the handler then restores
     the default so a second Ctrl-C interrupts at once.
 
     Returns

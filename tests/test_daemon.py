@@ -54,7 +54,8 @@ def make_cfg(tmp_path: Path, refs: Path, **acq) -> AgentConfig:
         references={"folder": str(refs)},
         acquisition={"folder": str(tmp_path / "acq"), "settle_s": 0.3, "complete_timeout_s": 30.0} | acq,
         results={"store": str(tmp_path / "results.sqlite")},
-        publish={"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0.2, "linger_ms": 500},
+        publish={"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0.2, "linger_ms": 500,
+                 "query_endpoint": None},
     )
 
 
@@ -127,7 +128,8 @@ def test_frame_published_recorded_and_written(running, sxm_dir, tmp_path):
     fid = sha(sxm_dir / REF_SCAN)
     assert msg["schema"] == 1 and msg["agent_id"] == "stm-test" and isinstance(msg["seq"], int)
     assert msg["status"] == "ok" and msg["reason"] is None and msg["frame_id"] == fid
-    assert msg["source"] == msg["path"] == str(acq / "Image_412.sxm")
+    assert msg["source"] == "folder" and msg["path"] == str(acq / "Image_412.sxm") and msg["name"] == "Image_412.sxm"
+    assert msg["redelivered"] is False and msg["config_digest"] == run.agent.config_digest
     assert set(msg["counts"]) == {"adsorbate", "other"}
     assert msg["counts"]["adsorbate"] >= 1  # the scan the reference was picked from
     assert msg["n_objects"] == sum(msg["counts"].values())
