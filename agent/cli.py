@@ -7,6 +7,8 @@
     stm-agent listen                           print live counts published by a running agent
     stm-agent config init                      print the commented default configuration
     stm-agent models export ...                export an open_clip image encoder to ONNX
+    stm-agent status                           what a running agent is doing
+    stm-agent results export                   per-frame / per-object tables (csv, json, parquet)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.cli_models import models_app
+from agent.cli_service import results_app, status
 from agent.config import AgentConfig, default_yaml_text, load_config
 from agent.errors import StmAgentError
 
@@ -39,6 +42,8 @@ config_app = typer.Typer(help="Configuration files.", no_args_is_help=True)
 app.add_typer(refs_app, name="refs")
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
+app.add_typer(results_app, name="results")
+app.command()(status)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -255,7 +255,7 @@ class Agent:
             self._publish("agent.status", {
                 "state": "started", "config_digest": self.config_digest, "pid": os.getpid(),
                 "endpoint": self.endpoint, "query_endpoint": self.query_endpoint,
-                "sources": [s.name for s in self.sources], "folder": str(cfg.acquisition.folder),
+                "sources": [s.name for s in self.sources],
                 "encoder": self._encoder_id(), "species": species, "at": _now().isoformat(),
             })
             self._republish()
@@ -564,7 +564,7 @@ class Agent:
     def _query(self, command: str, arg: str | None) -> dict[str, Any] | None:
         """Answer the query endpoint: ``latest``, ``frame <id>``, ``status``."""
         if command == "status":
-            return {"agent_id": self.cfg.agent_id, **self.status()}
+            return self.status()
         if command == "latest":
             rows = self.store.latest(1)
             row = rows[0] if rows else None
@@ -574,17 +574,19 @@ class Agent:
             return None
         if row is None:
             return None
-        msg = dict(row["message"] or {"frame_id": row["frame_id"], "status": row["status"], "counts": row["counts"]})
+        if not row["message"]:
+            raise LookupError(f"frame {row['frame_id']} was recorded without its message (older agent)")
+        msg = dict(row["message"])
         if row["status"] == "ok":
             msg["detections"] = row["detections"]
-        return {"agent_id": self.cfg.agent_id, **msg}
+        return msg
 
     def _start_services(self) -> None:
         p = self.cfg.publish
         if p.query_endpoint:
             from adapters.query import QueryServer
 
-            self.query_server = QueryServer(p.query_endpoint, self._query)
+            self.query_server = QueryServer(p.query_endpoint, self._query, agent_id=self.cfg.agent_id)
             self.query_server.start()
         if self.cfg.metrics.enabled:
             from adapters.metrics import AgentMetrics

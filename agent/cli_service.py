@@ -1,0 +1,211 @@
+"""Command line for a running agent and its results (registered by :mod:`agent.cli`)::
+
+    stm-agent status [--config FILE] [--endpoint EP] [--json]   ask the running agent (or its store)
+    stm-agent results export --format csv|json|parquet --table frames|objects [--out FILE]
+
+Exit codes: 0 done; 1 ``status`` got no answer from an agent (the store summary is still shown)
+or found no store; 2 bad configuration, unreadable store, or export error.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agent.config import AgentConfig, load_config
+from agent.errors import StmAgentError
+
+__all__ = ["results_app", "status", "store_summary"]
+
+results_app = typer.Typer(help="Results recorded by the agent (the SQLite store).", no_args_is_help=True)
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration (see `stm-agent config init`).")
+
+
+class ExportFormat(str, Enum):
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+class ExportTable(str, Enum):
+    frames = "frames"
+    objects = "objects"
+
+
+def _fail(e: Exception | str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(code=code)
+
+
+def _load(path: Optional[Path]) -> AgentConfig:
+    try:
+        return load_config(path)
+    except StmAgentError as e:
+        _fail(e)
+        raise  # unreachable
+
+
+@results_app.command("export")
+def results_export(
+    config: Optional[Path] = ConfigOpt,
+    store: Optional[Path] = typer.Option(None, "--store", help="Results store (default: results.store of the config)."),
+    fmt: ExportFormat = typer.Option(ExportFormat.csv, "--format", "-f", help="Output format."),
+    table: ExportTable = typer.Option(ExportTable.frames, "--table", "-t",
+                                      help="frames: one row per frame (counts, densities per nm^2); "
+                                           "objects: one row per detected object."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: stdout for csv/json; "
+                                       "parquet needs a file)."),
+) -> None:
+    """Export the recorded results as a table (CSV, JSON or Parquet)."""
+    from adapters.export import export_results
+
+    path = store if store is not None else _load(config).results.store
+    try:
+        n = export_results(path, out if out is not None else sys.stdout, fmt.value, table.value)
+    except StmAgentError as e:
+        _fail(e)
+    if out is not None:
+        err_console.print(f"exported {n} {table.value} rows to {out}")
+
+
+def store_summary(path: Path, last: int = 5) -> dict[str, Any] | None:
+    """What the store says, read-only: frames ok / error, the ``last`` newest frames, and the
+    frames still waiting (rows of table ``inbox``; None when the store has no inbox).
+
+    Returns
+    -------
+    dict or None
+        None when there is no file at ``path``.
+
+    Raises
+    ------
+    StoreError
+        The file is not a readable results store.
+    """
+    from adapters.export import _connect
+    from agent.errors import StoreError
+
+    if not Path(path).is_file():
+        return None
+    db = _connect(Path(path))
+    try:
+        ok, err = (db.execute("SELECT COUNT(*) FROM frames WHERE status = ?", (s,)).fetchone()[0]
+                   for s in ("ok", "error"))
+        has_inbox = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='inbox'").fetchone()
+        pending = db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0] if has_inbox else None
+        rows = db.execute("SELECT frame_id, path, processed_at, status, reason, counts, n_objects FROM frames "
+                          "ORDER BY processed_at DESC, rowid DESC LIMIT ?", (int(last),)).fetchall()
+    except sqlite3.Error as exc:
+        raise StoreError(path, f"cannot read the results database ({exc})") from exc
+    finally:
+        db.close()
+    frames = [{"frame_id": r["frame_id"], "path": r["path"], "processed_at": r["processed_at"],
+               "status": r["status"], "reason": r["reason"], "counts": json.loads(r["counts"] or "{}"),
+               "n_objects": r["n_objects"]} for r in rows]
+    return {"store": str(path), "frames_ok": ok, "frames_error": err, "pending": pending, "last_frames": frames}
+
+
+def _uptime(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(s)
+    return f"{s // 86400}d {s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 86400 else \
+        f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _print_agent(reply: dict[str, Any], endpoint: str) -> None:
+    st = reply.get("status") or {}
+    model = st.get("model") or {}
+    refs = st.get("reference_set") or {}
+    t = Table(title=f"agent {reply.get('agent_id')} answering on {endpoint}", title_justify="left",
+              show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    t.add_row("uptime", _uptime(st.get("uptime_s")))
+    t.add_row("frames done", str(st.get("frames_done")))
+    t.add_row("errors", str(st.get("errors")))
+    t.add_row("queue depth", str(st.get("queue_depth")))
+    last = st.get("last_frame_id")
+    t.add_row("last frame", f"{last[:12]} at {st.get('last_frame_at')}" if last else "none yet")
+    t.add_row("encoder", str(model.get("id") or model.get("name") or "none"))
+    t.add_row("species", ", ".join(refs.get("species") or []) or "none")
+    for name, stats in (st.get("sources") or {}).items():
+        t.add_row(f"source {name}", ", ".join(f"{k}={v}" for k, v in stats.items()))
+    console.print(t)
+
+
+def _print_store(summary: dict[str, Any]) -> None:
+    pend = summary["pending"]
+    console.print(f"store {summary['store']}: [bold]{summary['frames_ok']}[/] frames ok, "
+                  f"[bold]{summary['frames_error']}[/] errors"
+                  + (f", [bold]{pend}[/] pending" if pend is not None else ""), soft_wrap=True)
+    if not summary["last_frames"]:
+        return
+    t = Table(title="last frames", title_justify="left")
+    for c in ("processed at", "frame", "file", "status", "counts / reason"):
+        t.add_column(c)
+    for f in summary["last_frames"]:
+        what = f["reason"] if f["status"] == "error" else "  ".join(f"{k}={v}" for k, v in f["counts"].items())
+        t.add_row(str(f["processed_at"]), f["frame_id"][:12], Path(str(f["path"] or "")).name,
+                  "[red]error[/]" if f["status"] == "error" else "ok", str(what))
+    console.print(t)
+
+
+def status(
+    config: Optional[Path] = ConfigOpt,
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="The agent's query endpoint "
+                                           "(default: publish.query_endpoint of the config)."),
+    timeout: float = typer.Option(2.0, "--timeout", help="Seconds to wait for the agent's answer."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Show how the running agent is doing; without an agent, what its results store says."""
+    from adapters.query import query
+    from agent.errors import PublishError
+
+    cfg = _load(config)
+    ep = endpoint or cfg.publish.query_endpoint
+    reply: dict[str, Any] | None = None
+    why = ""
+    if not ep:
+        why = "publish.query_endpoint is off (null) and no --endpoint given"
+    elif "*" in ep:
+        why = f"{ep} has no fixed port; give --endpoint"
+    else:
+        try:
+            reply = query(ep, "status", timeout_ms=int(timeout * 1000))
+        except PublishError as e:
+            why = e.reason
+        else:
+            if "status" not in reply:
+                why, reply = f"the agent answered with an error: {reply.get('error')}", None
+    summary: dict[str, Any] | None = None
+    if reply is None:
+        try:
+            summary = store_summary(cfg.results.store)
+        except StmAgentError as e:
+            _fail(e)
+    if json_out:
+        print(json.dumps({"endpoint": ep, "agent": reply, "no_answer": why or None, "store": summary}))
+    else:
+        if reply is not None:
+            _print_agent(reply, str(ep))
+        else:
+            console.print(f"[yellow]no agent answered[/] on {ep or '(no query endpoint)'}: {why}", soft_wrap=True)
+            if summary is None:
+                console.print(f"and no results store at {cfg.results.store}", soft_wrap=True)
+            else:
+                _print_store(summary)
+    if reply is None:
+        raise typer.Exit(code=1)

@@ -1,0 +1,281 @@
+"""JSON Schemas of the published messages: messages of the real agent on real scans validate (with
+jsonschema and with the built-in fallback), hand-made invalid messages are rejected naming the key.
+
+Also holds :func:`run_real_agent`, used by the other interface tests (query, export, CLI)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from adapters.references import ReferenceLibrary
+from adapters.scanfile import read_scan
+from adapters.schemas import SCHEMA_DIR, TOPICS, MessageSchemaError, schema_for, validate
+from adapters.zmq_io import Subscriber
+from agent.config import AgentConfig
+from agent.daemon import Agent
+from agent.pipeline import detect, reference_crop_at
+
+REF_SCAN = "au111_adsorbates_10nm_256_up.sxm"
+SMALL = "porphyrin_dimer_96_up_7ch.sxm"
+BAD = "bad/not_an_sxm.sxm"
+VALIDATORS = [pytest.param(True, id="jsonschema"), pytest.param(False, id="builtin")]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_refs(sxm_dir: Path, folder: Path) -> Path:
+    """One-species library: the first whole adsorbate of the Au(111) scan."""
+    scan = read_scan(sxm_dir / REF_SCAN)
+    cfg = AgentConfig()
+    _, regions = detect(scan, cfg)
+    reg = next(r for r in regions if not r.touches_edge)
+    crop, px, prov = reference_crop_at(scan, *reg.centroid_px, cfg, units="px")
+    ReferenceLibrary(folder).add("adsorbate", crop, px, prov)
+    return folder
+
+
+def run_real_agent(work: Path, sxm_dir: Path, files: list[str], timeout: float = 90.0, during=None) -> dict:
+    """Run the real Agent in a thread on ``files`` (relative to sxm_dir) copied into its watched
+    folder; return every message received ({"log": [(topic, msg)], "store": Path, "cfg", "agent",
+    "during": what ``during(agent)`` returned}).
+
+    Waits for a heartbeat first (slow joiner), then for one frame.counts per file, then for one
+    more heartbeat, calls ``during(agent)`` (agent still running), then stops the agent and
+    collects the agent.status "stopping"."""
+    refs = build_refs(sxm_dir, work / "refs")
+    cfg = AgentConfig(
+        agent_id="stm-test",
+        references={"folder": str(refs)},
+        acquisition={"folder": str(work / "acq"), "settle_s": 0.3, "complete_timeout_s": 5.0},
+        results={"store": str(work / "results.sqlite")},
+        publish={"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0.2, "linger_ms": 500,
+                 "query_endpoint": "tcp://127.0.0.1:*"},
+    )
+    agent = Agent(cfg)
+    sub = Subscriber(agent.endpoint)
+    log: list[tuple[str, dict]] = []
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+
+    def wait(pred, what: str, limit: float) -> None:
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            got = sub.recv(timeout_ms=100)
+            if got:
+                log.append(got)
+                if pred(got):
+                    return
+        pytest.fail(f"real agent: no {what} within {limit} s; got {[t for t, _ in log]}")
+
+    try:
+        wait(lambda g: g[0] == "agent.heartbeat", "heartbeat", 20)
+        (work / "acq").mkdir(exist_ok=True)
+        for f in files:
+            shutil.copy(sxm_dir / f, work / "acq" / Path(f).name)
+        end = time.monotonic() + timeout
+        while sum(t == "frame.counts" for t, _ in log) < len(files):
+            wait(lambda g: g[0] == "frame.counts", "frame.counts", max(end - time.monotonic(), 0.1))
+        mark = len(log)
+        wait(lambda g: g[0] == "agent.heartbeat" and len(log) > mark, "heartbeat after the frames", 10)
+        result = during(agent) if during is not None else None
+        agent.stop()
+        thread.join(20)
+        assert not thread.is_alive(), "the agent did not stop"
+        wait(lambda g: g[0] == "agent.status" and g[1].get("state") == "stopping", "agent.status stopping", 5)
+    finally:
+        agent.stop()
+        thread.join(10)
+        sub.close()
+    return {"log": log, "store": Path(cfg.results.store), "cfg": cfg, "agent": agent, "during": result}
+
+
+@pytest.fixture(scope="module")
+def real_run(sxm_dir, tmp_path_factory) -> dict:
+    return run_real_agent(tmp_path_factory.mktemp("schemas"), sxm_dir, [REF_SCAN, SMALL, BAD])
+
+
+# ---------------------------------------------------------------------- the files themselves
+def test_schema_files_are_valid_draft_2020_12():
+    from jsonschema import Draft202012Validator
+
+    names = sorted(p.name for p in SCHEMA_DIR.glob("*.schema.json"))
+    assert names == sorted(f"{t}.schema.json" for t in TOPICS)
+    for t in TOPICS:
+        s = schema_for(t)
+        Draft202012Validator.check_schema(s)
+        assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        assert s["$id"].endswith(f"/{t}.schema.json")
+    s = schema_for("frame.counts")
+    s["title"] = "changed"
+    assert schema_for("frame.counts")["title"] == "frame.counts"  # a copy
+    with pytest.raises(KeyError, match="frame.nope"):
+        schema_for("frame.nope")
+
+
+# ---------------------------------------------------------------------- real messages
+@pytest.mark.parametrize("use_js", VALIDATORS)
+def test_real_agent_messages_validate(real_run, sxm_dir, use_js):
+    """Every message the real agent published on real scans (ok frames, an unreadable file,
+    heartbeats, start/stop) follows its schema."""
+    log = real_run["log"]
+    by_topic: dict[str, list[dict]] = {}
+    for topic, msg in log:
+        by_topic.setdefault(topic, []).append(msg)
+    assert set(by_topic) == {"frame.counts", "frame.detections", "agent.status", "agent.heartbeat"}
+    counts = {m["frame_id"]: m for m in by_topic["frame.counts"]}
+    assert counts[sha(sxm_dir / REF_SCAN)]["status"] == "ok"
+    assert counts[sha(sxm_dir / BAD)]["status"] == "error"
+    assert [m["state"] for m in by_topic["agent.status"]][-1] == "stopping"
+    problems = []
+    for topic, msg in log:
+        try:
+            validate(topic, msg, use_jsonschema=use_js)
+        except MessageSchemaError as exc:
+            problems.append(str(exc))
+    assert not problems, "\n".join(sorted(set(problems)))
+    seqs = [m["seq"] for _, m in log]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # increasing per agent
+
+
+# ---------------------------------------------------------------------- hand-made messages
+@pytest.fixture(scope="module")
+def valid(sxm_dir) -> dict[str, dict]:
+    """One valid message per topic, with the scan fields of a real scan."""
+    scan = read_scan(sxm_dir / REF_SCAN)
+    summ = scan.summary()
+    scan_obj = {k: summ[k] for k in ("pixels", "range_nm", "pixel_size_nm", "bias_V", "setpoint_A",
+                                     "angle_deg")} | {"direction": summ["direction"]}
+    head = {"schema": 1, "agent_id": "stm-test", "seq": 7}
+    frame = {"frame_id": scan.frame_id, "source": "folder", "path": str(sxm_dir / REF_SCAN), "name": REF_SCAN,
+             "acquired_at": summ["acquired_at"], "received_at": "2024-05-01T10:00:00.5+00:00",
+             "processed_at": "2024-05-01T10:00:01.25+00:00", "scan": scan_obj, "status": "ok",
+             "redelivered": False}
+    det = {"bbox_px": [10, 12, 8, 9], "centroid_px": [14.2, 16.0], "centroid_nm": [1.25, -3.5], "area_nm2": 0.75,
+           "touches_edge": False, "species": "adsorbate", "similarity": 0.93,
+           "pose": {"angle_deg": 40.0, "mirrored": True}, "scores": {"adsorbate": 0.93}}
+    return {
+        "frame.counts": head | frame | {
+            "counts": {"adsorbate": 3, "other": 0}, "n_objects": 3, "encoder": {"name": "pixel", "id": "pixel-64"},
+            "timings_ms": {"read": 3.5, "total": 120.0}, "latency_ms": 2200.0, "reason": None, "files": [],
+            "catch_up": False, "config_digest": "0123456789abcdef"},
+        "frame.detections": head | frame | {"detections": [det]},
+        "agent.status": head | {"state": "started", "config_digest": "0123456789abcdef",
+                                "at": "2024-05-01T10:00:00+00:00", "pid": 4242, "endpoint": "tcp://127.0.0.1:5556",
+                                "query_endpoint": None, "sources": ["folder"], "encoder": "pixel-64",
+                                "species": ["adsorbate"]},
+        "agent.heartbeat": head | {"uptime_s": 12.5, "frames_done": 3, "errors": 1, "queue_depth": 0,
+                                   "last_frame_id": scan.frame_id, "last_frame_at": "2024-05-01T10:00:01+00:00",
+                                   "model": {"id": "pixel-64", "name": "pixel"},
+                                   "reference_set": {"species": ["adsorbate"], "cache_key": "ab12"},
+                                   "sources": {"folder": {"seen": 4, "observer_alive": True}},
+                                   "at": "2024-05-01T10:00:02+00:00"},
+    }
+
+
+def _set(msg: dict, path: str, value) -> dict:
+    out = copy.deepcopy(msg)
+    *parents, last = path.split(".")
+    d = out
+    for p in parents:
+        d = d[int(p)] if isinstance(d, list) else d[p]
+    if value is _DROP:
+        del d[last]
+    elif isinstance(d, list):
+        d[int(last)] = value
+    else:
+        d[last] = value
+    return out
+
+
+_DROP = object()
+
+INVALID = [
+    # (topic, key to change, new value, key the error must name)
+    ("frame.counts", "counts.adsorbate", -1, "counts.adsorbate"),  # negative count
+    ("frame.counts", "counts.adsorbate", 2.5, "counts.adsorbate"),  # not an integer
+    ("frame.counts", "n_objects", "3", "n_objects"),  # wrong type
+    ("frame.counts", "received_at", _DROP, "received_at"),  # missing key
+    ("frame.counts", "redelivered", _DROP, "redelivered"),
+    ("frame.counts", "seq", 0, "seq"),
+    ("frame.counts", "schema", 2, "schema"),
+    ("frame.counts", "frame_id", "ABC" * 21 + "d", "frame_id"),  # not lower-case sha256 hex
+    ("frame.counts", "status", "done", "status"),
+    ("frame.counts", "status", "error", "reason"),  # error with reason null
+    ("frame.counts", "scan.pixels", [256], "scan.pixels"),
+    ("frame.counts", "scan.bias_V", "2 V", "scan.bias_V"),
+    ("frame.counts", "scan.zoom", 2, "scan.zoom"),  # strict object: unknown key
+    ("frame.counts", "processed_at", "yesterday", "processed_at"),
+    ("frame.counts", "latency_ms", -5, "latency_ms"),
+    ("frame.detections", "detections.0.bbox_px", [1, 2, 3], "detections[0].bbox_px"),
+    ("frame.detections", "detections.0.touches_edge", "no", "detections[0].touches_edge"),
+    ("frame.detections", "detections.0.pose.mirrored", _DROP, "detections[0].pose.mirrored"),
+    ("frame.detections", "name", _DROP, "name"),
+    ("agent.status", "state", "paused", "state"),
+    ("agent.status", "pid", _DROP, "pid"),  # started needs pid
+    ("agent.status", "watch_dir", "/data", "watch_dir"),  # unknown key
+    ("agent.heartbeat", "queue_depth", -1, "queue_depth"),
+    ("agent.heartbeat", "frames_done", True, "frames_done"),
+    ("agent.heartbeat", "last_frame_id", "abc", "last_frame_id"),
+    ("agent.heartbeat", "sources.folder", 3, "sources.folder"),
+    ("agent.heartbeat", "at", _DROP, "at"),
+]
+
+
+@pytest.mark.parametrize("use_js", VALIDATORS)
+def test_valid_hand_made_messages_pass(valid, use_js):
+    for topic, msg in valid.items():
+        validate(topic, msg, use_jsonschema=use_js)
+    err = _set(valid["frame.counts"], "status", "error")
+    validate("frame.counts", _set(err, "reason", "not a Nanonis .sxm scan") | {"scan": None, "counts": {}},
+             use_jsonschema=use_js)
+    stop = {k: v for k, v in valid["agent.status"].items() if k not in ("pid", "endpoint", "query_endpoint",
+                                                                        "sources", "encoder", "species")}
+    validate("agent.status", stop | {"state": "stopping", "frames_done": 3, "errors": 0}, use_jsonschema=use_js)
+
+
+@pytest.mark.parametrize("use_js", VALIDATORS)
+@pytest.mark.parametrize("topic,path,value,key", INVALID, ids=[f"{t}:{p}" for t, p, _, _ in INVALID])
+def test_invalid_messages_are_rejected_naming_the_key(valid, topic, path, value, key, use_js):
+    bad = _set(valid[topic], path, value)
+    with pytest.raises(MessageSchemaError) as info:
+        validate(topic, bad, use_jsonschema=use_js)
+    assert info.value.topic == topic and info.value.key == key, str(info.value)
+    assert topic in str(info.value) and repr(key) in str(info.value)
+
+
+@pytest.mark.parametrize("use_js", VALIDATORS)
+def test_query_reply_schema(valid, use_js):
+    frame = {k: v for k, v in valid["frame.counts"].items() if k != "seq"}
+    state = {k: v for k, v in valid["agent.heartbeat"].items() if k not in ("schema", "agent_id", "seq")}
+    env = {"schema": 1, "agent_id": "stm-test"}
+    validate("query.reply", env | {"request": "latest", "frame": frame}, use_jsonschema=use_js)
+    validate("query.reply", env | {"request": "status", "status": state | {"config_digest": "ab"}},
+             use_jsonschema=use_js)
+    validate("query.reply", env | {"request": None, "error": "unknown request 'x'"}, use_jsonschema=use_js)
+    for bad in (env | {"request": "latest", "frame": frame, "error": "both"},
+                env | {"request": "latest", "frame": frame | {"counts": {"adsorbate": -2}}},
+                env | {"request": "status", "status": state | {"queue_depth": "0"}},
+                {"agent_id": "stm-test", "request": None, "error": "no schema"}):
+        with pytest.raises(MessageSchemaError, match="query.reply"):
+            validate("query.reply", bad, use_jsonschema=use_js)
+
+
+def test_schemas_match_the_docs():
+    """docs/messages.md documents every field of every topic."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "messages.md").read_text(encoding="utf-8")
+    for t in ("frame.counts", "frame.detections", "agent.status", "agent.heartbeat"):
+        s = schema_for(t)
+        props = s.get("properties") or s["$defs"][next(iter(s["$defs"]))]["properties"]
+        missing = [k for k in props if f"`{k}`" not in doc]
+        assert not missing, f"{t}: fields not in docs/messages.md: {missing}"
+    assert json.loads((SCHEMA_DIR / "query.reply.schema.json").read_text())["title"] == "query.reply"
