@@ -223,7 +223,8 @@ def run(
                                            "(default tcp://127.0.0.1:5556)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
-    """Run the agent: watch the acquisition folder, recognise each new scan, publish the counts."""
+    """Run the agent: take each new scan from its sources (acquisition folder, controller feed,
+    Nanonis TCP), recognise it, record it, publish the counts."""
     from agent.daemon import Agent, install_signal_handlers
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -235,9 +236,19 @@ def run(
     except StmAgentError as e:
         _fail(e)
     install_signal_handlers(agent)
-    console.print(f"stm-agent watching [bold]{cfg.acquisition.folder.resolve()}[/], publishing on "
+    where = []
+    if cfg.acquisition.enabled:
+        where.append(f"watching [bold]{cfg.acquisition.folder.resolve()}[/]")
+    if cfg.controller.enabled:
+        where.append(f"subscribed to the controller feed [bold]{cfg.controller.endpoint}[/]")
+    if cfg.nanonis.enabled:
+        where.append(f"waiting on Nanonis TCP [bold]{cfg.nanonis.host}:{cfg.nanonis.port}[/]")
+    console.print(f"stm-agent {', '.join(where) or 'with no source enabled'}; publishing on "
                   f"[bold]{cfg.publish.endpoint}[/] (Ctrl-C stops)")
-    agent.run()
+    try:
+        agent.run()
+    except StmAgentError as e:
+        _fail(e)
 
 
 @app.command()
