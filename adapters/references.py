@@ -11,6 +11,16 @@ Layout::
 The cache key is the sha256 of the encoder id, the normalisation settings, the crop window and the
 sha256 of every reference file, so the pose embeddings are recomputed exactly when one of them
 changes (UniMR embeds the references once and compares every query against them).
+
+Physical descriptors (``match.descriptor_weight`` > 0, :mod:`agent.descriptors`): each reference's
+descriptors are the ``descriptors`` record of its provenance, written by
+:func:`agent.pipeline.reference_crop_at` from the segmented object on the flattened frame (the
+same measurement as the queries). References without it (older libraries, crops added by hand)
+are measured on the stored crop: the provenance box moved into crop coordinates (or a central box
+of the object's extent) with the half-maximum mask of :func:`agent.descriptors.describe_objects`.
+They are stored in the cache next to the pose embeddings; the key then also holds
+``agent.descriptors.DESCRIPTOR_SETTINGS``. The weight itself is applied at matching time, so
+changing it does not re-embed the poses.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from agent import descriptors as D
 from agent.config import NormaliseConfig
 from agent.errors import ReferenceLibraryError
 from agent.match import RefEmbeddings
@@ -205,20 +216,75 @@ class ReferenceLibrary:
             grey.append(to_grey(crop_windows(c, centre, win, e.pixel_size_nm, cfg.size_px), cfg, rng)[0])
         return entries, np.stack(grey)
 
-    def cache_key(self, encoder: Encoder, cfg: NormaliseConfig) -> str:
-        """sha256 hex of encoder id + normalisation settings + window + every reference file's hash."""
+    def cache_key(self, encoder: Encoder, cfg: NormaliseConfig, descriptors: bool = False) -> str:
+        """sha256 hex of encoder id + normalisation settings + window + every reference file's hash
+        (+ ``agent.descriptors.DESCRIPTOR_SETTINGS`` with ``descriptors``; without, the key is the
+        one of earlier versions, so existing caches stay valid)."""
         entries = self.entries()
         files = [
             [e.species, e.path.name, _sha256(e.path), _sha256(e.path.with_suffix(".json"))] for e in entries
         ]
-        blob = json.dumps(
-            {"encoder": encoder.id, "normalise": cfg.model_dump(mode="json"), "window_nm": self.window_nm(cfg), "files": files},
-            sort_keys=True,
-        ).encode()
+        content = {"encoder": encoder.id, "normalise": cfg.model_dump(mode="json"), "window_nm": self.window_nm(cfg),
+                   "files": files}
+        if descriptors:
+            content["descriptors"] = D.DESCRIPTOR_SETTINGS
+        blob = json.dumps(content, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
-    def pose_embeddings(self, encoder: Encoder, cfg: NormaliseConfig) -> RefEmbeddings:
+    def reference_descriptors(self) -> tuple[list[ReferenceEntry], D.Descriptors, list[str]]:
+        """Physical descriptors of every reference (module docstring: provenance record or crop).
+
+        Returns
+        -------
+        (entries, descriptors, methods) : entries in :meth:`entries` order; :class:`Descriptors`
+            with arrays ``(R,)``; per entry ``"segment"`` (provenance record) or ``"crop"``.
+
+        Raises
+        ------
+        ReferenceLibraryError
+            Empty library, or references whose heights are in different units (pm vs sigma).
+        """
+        entries = self.entries()
+        recs = []
+        for e in entries:
+            rec = e.provenance.get("descriptors")
+            if isinstance(rec, dict) and rec.get("version") == D.DESCRIPTOR_VERSION:
+                recs.append(rec)
+                continue
+            c = e.load()
+            dx, dy = e.pixel_size_nm
+            h, w = c.shape
+            bb, pos = e.provenance.get("bbox_px"), e.provenance.get("position_px")
+            if bb and pos:  # frame box -> crop coordinates (getRectSubPix centre = object centroid)
+                x0 = int(round(bb[0] - pos[0] + (w - 1) / 2.0))
+                y0 = int(round(bb[1] - pos[1] + (h - 1) / 2.0))
+                x1, y1 = min(x0 + int(bb[2]), w), min(y0 + int(bb[3]), h)
+                x0, y0 = max(x0, 0), max(y0, 0)
+            else:  # central box of the object's extent
+                bw, bh = max(2, int(round(e.extent_nm / dx))), max(2, int(round(e.extent_nm / dy)))
+                x0, y0 = max((w - bw) // 2, 0), max((h - bh) // 2, 0)
+                x1, y1 = min(x0 + bw, w), min(y0 + bh, h)
+            # a topography crop in metres (channel Z, sub-micrometre values) -> pm; else sigma
+            z_unit = "m" if e.provenance.get("channel", "Z") == "Z" and float(np.ptp(c)) < 1e-6 else None
+            d = D.describe_objects(c, np.array([[x0, y0, max(x1 - x0, 1), max(y1 - y0, 1)]]), (dx, dy), z_unit=z_unit)
+            recs.append(D.descriptor_record(d, 0, method="crop"))
+        try:
+            desc = D.descriptors_from_records(recs)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ReferenceLibraryError(f"{self.folder}: reference descriptors unusable ({exc})") from None
+        return entries, desc, [r.get("method", "segment") for r in recs]
+
+    def pose_embeddings(self, encoder: Encoder, cfg: NormaliseConfig, descriptors: bool = False) -> RefEmbeddings:
         """Embeddings of every pose of every reference, from the on-disk cache when valid.
+
+        Parameters
+        ----------
+        encoder : Encoder
+        cfg : NormaliseConfig
+        descriptors : bool
+            Also the physical descriptors of the references (:meth:`reference_descriptors`) and
+            their reference-fitted scaler (:func:`agent.descriptors.fit_reference_scaler`):
+            ``ref_desc``, ``desc_std``, ``desc_center``, ``desc_scale``, ``height_unit``.
 
         Returns
         -------
@@ -232,16 +298,21 @@ class ReferenceLibrary:
         ReferenceLibraryError
             Missing or empty library.
         """
-        key = self.cache_key(encoder, cfg)
+        key = self.cache_key(encoder, cfg, descriptors)
         cache = self.folder / ".cache" / f"{key}.npz"
         if cache.is_file():
             try:
                 z = np.load(cache, allow_pickle=False)
-                self.last_cache_hit = True
-                return RefEmbeddings(
+                out = RefEmbeddings(
                     emb=z["emb"], species_idx=z["species_idx"], angle_deg=z["angle_deg"], mirrored=z["mirrored"],
                     species=[str(s) for s in z["species"]], ref_idx=z["ref_idx"], window_nm=float(z["window_nm"]), key=key,
                 )
+                if descriptors:
+                    out.ref_desc, out.desc_std = z["ref_desc"], z["desc_std"]
+                    out.desc_center, out.desc_scale = z["desc_center"], z["desc_scale"]
+                    out.height_unit = str(z["height_unit"])
+                self.last_cache_hit = True
+                return out
             except (OSError, ValueError, KeyError):
                 pass  # damaged cache: recompute
         self.last_cache_hit = False
@@ -260,9 +331,18 @@ class ReferenceLibrary:
             window_nm=self.window_nm(cfg),
             key=key,
         )
+        extra = {}
+        if descriptors:
+            _, desc, _ = self.reference_descriptors()
+            x = desc.matrix()
+            sc = D.fit_reference_scaler(x, np.array([names.index(e.species) for e in entries]))
+            out.ref_desc, out.desc_std, out.desc_center, out.desc_scale = x, sc.transform(x), sc.center_, sc.scale_
+            out.height_unit = desc.height_unit
+            extra = dict(ref_desc=out.ref_desc, desc_std=out.desc_std, desc_center=out.desc_center,
+                         desc_scale=out.desc_scale, height_unit=np.array(out.height_unit))
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
         np.savez(tmp, emb=out.emb, species_idx=out.species_idx, angle_deg=out.angle_deg, mirrored=out.mirrored,
-                 species=np.array(names), ref_idx=out.ref_idx, window_nm=np.float64(out.window_nm))
+                 species=np.array(names), ref_idx=out.ref_idx, window_nm=np.float64(out.window_nm), **extra)
         tmp.replace(cache)
         return out

@@ -211,3 +211,143 @@ def combine(embedding: np.ndarray, descriptors_std: np.ndarray, weight: float) -
     if len(e) != len(d):
         raise ValueError(f"{len(e)} embeddings vs {len(d)} descriptor rows")
     return np.concatenate([np.sqrt(1.0 - weight) * e, np.sqrt(weight) * d], axis=1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Descriptors inside the pipeline: segmented regions, reference records, reference-fitted scaler
+# ---------------------------------------------------------------------------------------------
+
+#: Version of the descriptor measurement and standardisation; part of the reference cache key
+#: (bump it when :func:`describe_objects`, :func:`describe_regions` or :func:`fit_reference_scaler`
+#: change what they compute).
+DESCRIPTOR_VERSION = "desc/v1"
+
+#: Smallest standardisation scale per feature (``FEATURES`` order), used when the references
+#: spread less than this (or there is one species): a factor 2 in area, a factor sqrt(2) in
+#: extent, ``HEIGHT_MIN_REL`` x the median |height| of the references, and the contrast sign
+#: (+-1) as is.
+MIN_SCALE = (float(np.log(2.0)), float(np.log(np.sqrt(2.0))), None, 1.0)
+HEIGHT_MIN_REL = 0.2
+
+#: The settings that decide the reference descriptors (hashed into the pose cache key).
+DESCRIPTOR_SETTINGS = {"version": DESCRIPTOR_VERSION, "features": list(FEATURES),
+                       "min_scale": [None if s is None else round(s, 6) for s in MIN_SCALE],
+                       "height_min_rel": HEIGHT_MIN_REL}
+
+
+def z_unit_of(unit: str | None) -> str | None:
+    """``"m"`` for a channel in metres (topography: heights in pm), else None (roughness units)."""
+    return "m" if unit == "m" else None
+
+
+def region_masks(regions) -> list[np.ndarray]:
+    """Filled outer contours of segmented regions as bool masks inside their boxes.
+
+    Parameters
+    ----------
+    regions : list[agent.segment.Region]
+
+    Returns
+    -------
+    list of bool ``(h, w)`` arrays, one per region (``bbox_px = (x, y, w, h)``); holes are filled
+    (the object is its outer contour, as OpenCV ``findContours`` outlined it in UniMR step 1).
+    """
+    import cv2
+
+    out = []
+    for r in regions:
+        x, y, w, h = r.bbox_px
+        m = np.zeros((h, w), np.uint8)
+        cv2.drawContours(m, [np.asarray(r.contour, np.int32).reshape(-1, 1, 2) - np.array([x, y], np.int32)],
+                         -1, 1, thickness=cv2.FILLED)
+        out.append(m.astype(bool))
+    return out
+
+
+def describe_regions(image: np.ndarray, regions, pixel_size_nm: tuple[float, float],
+                     z_unit: str | None = "m") -> Descriptors:
+    """:func:`describe_objects` of segmented regions (their boxes and filled-contour masks).
+
+    Queries of a frame and references picked with :func:`agent.pipeline.reference_crop_at` are
+    both described with this function on the flattened frame, so they are measured alike.
+    Returns empty ``(0,)`` arrays for no region.
+    """
+    if not regions:
+        z = np.zeros(0)
+        return Descriptors(z, z.copy(), z.copy(), np.zeros(0, np.int8), "pm" if z_unit == "m" else "sigma")
+    boxes = np.array([r.bbox_px for r in regions], dtype=np.int64)
+    return describe_objects(image, boxes, pixel_size_nm, masks=region_masks(regions), z_unit=z_unit)
+
+
+def descriptor_record(d: Descriptors, i: int = 0, method: str = "segment") -> dict:
+    """Object ``i`` of ``d`` as a JSON-able dict (stored in a reference's provenance)."""
+    return {"version": DESCRIPTOR_VERSION, "method": method, "area_nm2": float(d.area_nm2[i]),
+            "extent_nm": float(d.extent_nm[i]), "height": float(d.height[i]), "height_unit": d.height_unit,
+            "contrast_sign": int(d.contrast_sign[i])}
+
+
+def descriptors_from_records(records: list[dict]) -> Descriptors:
+    """Inverse of :func:`descriptor_record` for a list of records (one height unit).
+
+    Raises
+    ------
+    ValueError
+        Records with different height units, or a missing field.
+    """
+    units = {r["height_unit"] for r in records}
+    if len(units) > 1:
+        raise ValueError(f"reference descriptors mix height units {sorted(units)}")
+    f = lambda k: np.array([float(r[k]) for r in records])  # noqa: E731
+    return Descriptors(f("area_nm2"), f("extent_nm"), f("height"),
+                       np.array([int(r["contrast_sign"]) for r in records], np.int8),
+                       units.pop() if units else "pm")
+
+
+def fit_reference_scaler(x: np.ndarray, species_idx: np.ndarray) -> RobustScaler:
+    """A :class:`RobustScaler` fitted on the references, balanced over species, with floors.
+
+    Each species is first reduced to the median of its references, so a species with many
+    references does not pull the centre. Centre = median of the species medians; scale =
+    ``max(1.4826 MAD of the species medians, MIN_SCALE)`` per feature (``HEIGHT_MIN_REL`` x median
+    |height| for the height). With one reference per species this is the spread between species;
+    with a single species every reference sits at the centre (descriptor part of the references
+    = 0, so the descriptor cosine is 0 and only scales the embedding cosine: the pipeline then
+    turns the descriptors off, see :meth:`agent.pipeline.Recognizer.recognise`).
+
+    Parameters
+    ----------
+    x : np.ndarray
+        float ``(R, 4)`` :meth:`Descriptors.matrix` of the references.
+    species_idx : np.ndarray
+        int ``(R,)`` species of each reference.
+
+    Returns
+    -------
+    RobustScaler
+        With ``center_`` and ``scale_`` float64 ``(4,)``.
+
+    Raises
+    ------
+    ValueError
+        Empty matrix or length mismatch.
+    """
+    a = np.asarray(x, np.float64)
+    s = np.asarray(species_idx)
+    if a.ndim != 2 or len(a) == 0 or len(s) != len(a):
+        raise ValueError(f"need (R, K) descriptors and R species indices, got {a.shape}, {s.shape}")
+    med = np.stack([np.median(a[s == k], axis=0) for k in np.unique(s)])  # (K_species, F)
+    sc = RobustScaler().fit(med)
+    floor = np.array([m if m is not None else HEIGHT_MIN_REL * max(float(np.median(np.abs(a[:, 2]))), 1e-12)
+                      for m in MIN_SCALE])
+    spread = 1.4826 * np.median(np.abs(med - sc.center_), axis=0)
+    sc.scale_ = np.maximum(spread, floor)
+    return sc
+
+
+def descriptor_cosine(query_std: np.ndarray, ref_std: np.ndarray) -> np.ndarray:
+    """Cosine similarity of standardised descriptors: float32 ``(N, R)`` (0 for a zero vector).
+
+    Equal to the cosine of the descriptor blocks that :func:`combine` appends, so that
+    ``(1 - w) cos_e + w * descriptor_cosine`` is the cosine of the combined vectors.
+    """
+    return l2_normalise(query_std) @ l2_normalise(ref_std).T

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from agent.config import AgentConfig
+from agent.descriptors import descriptor_record, describe_regions, z_unit_of
 from agent.domain import OTHER, Detection, FrameResult, Scan
 from agent.errors import EmptyScanError, NoObjectError, ReferenceLibraryError
 from agent.flatten import flatten
@@ -66,7 +67,8 @@ def reference_crop_at(
         centroid, side 2 x the object's extent (physical units of the channel); ``(dx, dy)`` nm;
         provenance dict (scan, frame_id, channel, direction, position_nm, position_px, bbox_px,
         area_nm2, extent_nm, pixel_size_nm, grey_range = the frame's 1..99 % value range used by
-        ``contrast="frame"``).
+        ``contrast="frame"``, descriptors = the object's physical descriptors measured on the
+        flattened frame as the queries are, :func:`agent.descriptors.descriptor_record`).
 
     Raises
     ------
@@ -114,6 +116,8 @@ def reference_crop_at(
         "pixel_size_nm": [dx, dy],
         "touches_edge": reg.touches_edge,
         "grey_range": list(frame_range(image)),
+        "descriptors": descriptor_record(
+            describe_regions(image, [reg], (dx, dy), z_unit_of(scan.units.get(cfg.channel)))),
     }
     return crop.astype(np.float32), (dx, dy), prov
 
@@ -144,6 +148,32 @@ class Recognizer:
         self.candidates = dict(candidates) if candidates else None
         #: ``select: once``: the selection that fixed the encoder and the frame it was made on
         self.locked: tuple[str, dict[str, Any]] | None = None
+        self._desc_warned = False
+
+    def descriptor_weight(self, refs: RefEmbeddings, height_unit: str) -> float:
+        """The descriptor weight w in effect for ``refs`` (``cfg.match.descriptor_weight`` or 0).
+
+        0 when the references carry no descriptors, hold fewer than 2 species (nothing to tell
+        apart: every reference sits at the scaler centre, :func:`agent.descriptors.fit_reference_scaler`),
+        or their heights are in another unit than the frame's (``pm`` vs ``sigma``); a warning is
+        logged once.
+        """
+        w = float(self.cfg.match.descriptor_weight)
+        if w <= 0:
+            return 0.0
+        why = None
+        if refs.desc_std is None:
+            why = "the references carry no descriptors"
+        elif len(refs.species) < 2:
+            why = "fewer than 2 species"
+        elif refs.height_unit != height_unit:
+            why = f"reference heights in {refs.height_unit}, frame heights in {height_unit}"
+        if why is None:
+            return w
+        if not self._desc_warned:
+            log.warning("descriptor_weight %.2f ignored: %s", w, why)
+            self._desc_warned = True
+        return 0.0
 
     @classmethod
     def from_config(cls, cfg: AgentConfig, *, allow_empty: bool = False) -> "Recognizer":
@@ -172,9 +202,10 @@ class Recognizer:
         encoders = make_encoders(cfg.encoder, cfg.normalise)
         lib = ReferenceLibrary(cfg.references.folder)
         ref_sets: dict[str, RefEmbeddings] = {}
+        with_desc = cfg.match.descriptor_weight > 0
         try:
             for name, enc in encoders.items():
-                ref_sets[name] = lib.pose_embeddings(enc, cfg.normalise)
+                ref_sets[name] = lib.pose_embeddings(enc, cfg.normalise, descriptors=with_desc)
         except ReferenceLibraryError as e:
             if not allow_empty:
                 raise
@@ -272,7 +303,10 @@ class Recognizer:
             ``counts`` for every species + ``other`` (objects touching the edge excluded when
             ``cfg.segment.exclude_edge``), one :class:`Detection` per segmented object (centroid in
             controller nm, area nm^2, species, similarity, pose, per-species scores), ``timings_ms``
-            (flatten, segment, normalise, encode (+ selection for ``auto``), match, total),
+            (flatten, segment, normalise, encode (+ selection for ``auto``), match, total; with
+            ``match.descriptor_weight`` > 0 also ``describe``, inside ``match``: the physical
+            descriptors of every object, :func:`agent.descriptors.describe_regions`, combined with the
+            embedding as ``(1 - w) cos_e + w cos_d``, see :func:`agent.match.species_scores`),
             ``encoder``, ``scan`` summary and ``image`` (the flattened frame). ``encoder`` is
             ``{name, id}`` for a fixed encoder; for ``auto`` it is ``Selection.to_json()``
             (``chosen``, ``reason``, ``scores`` of every candidate) + ``name: "auto"``, ``id`` of
@@ -303,7 +337,15 @@ class Recognizer:
         if len(emb) != len(regions):  # no references: zero rows, every object `other`
             emb = np.zeros((len(regions), refs.emb.shape[1]), np.float32)
         t4 = time.perf_counter()
-        scores, best = species_scores(emb, refs)
+        z_unit = z_unit_of(scan.units.get(cfg.channel))
+        w = self.descriptor_weight(refs, "pm" if z_unit == "m" else "sigma") if regions else 0.0
+        extra_ms: dict[str, float] = {}
+        if w > 0:
+            qd = refs.standardise(describe_regions(image, regions, scan.pixel_size_nm, z_unit).matrix())
+            extra_ms["describe"] = (time.perf_counter() - t4) * 1000.0
+            scores, best = species_scores(emb, refs, qd, w)
+        else:
+            scores, best = species_scores(emb, refs)
         names, sim, pose = assign(scores, best, refs, cfg.match.threshold)
         t5 = time.perf_counter()
         xs, ys = scan.px_to_nm(centres[:, 0], centres[:, 1])
@@ -336,7 +378,7 @@ class Recognizer:
             encoder=encoder_info,
             timings_ms={
                 "flatten": ms(t0, t1), "segment": ms(t1, t2), "normalise": ms(t2, t3),
-                "encode": ms(t3, t4), "match": ms(t4, t5), "total": ms(t0, t5),
+                "encode": ms(t3, t4), "match": ms(t4, t5), "total": ms(t0, t5), **extra_ms,
             },
             processed_at=datetime.now(timezone.utc),
             image=image,
