@@ -7,6 +7,7 @@
     stm-agent listen                           print live counts published by a running agent
     stm-agent config init                      print the commented default configuration
     stm-agent models export ...                export an open_clip image encoder to ONNX
+    stm-agent replay DIR                       play real scans on the controller feed (simulated controller)
     stm-agent status                           what a running agent is doing
     stm-agent results export                   per-frame / per-object tables (csv, json, parquet)
 """
@@ -26,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.cli_models import models_app
+from agent.cli_feed import replay
 from agent.cli_service import results_app, status
 from agent.config import AgentConfig, default_yaml_text, load_config
 from agent.errors import StmAgentError
@@ -44,6 +46,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
 app.add_typer(results_app, name="results")
 app.command()(status)
+app.command()(replay)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -280,10 +283,11 @@ def listen(
             elif topic == "agent.status":
                 console.print(f"[dim]{msg.get('agent_id')}: {msg.get('state')} (config {msg.get('config_digest')})[/]")
             elif msg.get("status") == "error":
-                console.print(f"[red]{Path(str(msg.get('source'))).name}: error: {msg.get('reason')}[/]")
+                console.print(f"[red]{msg.get('name') or msg.get('frame_id')}: error: {msg.get('reason')}[/]")
             else:
                 counts = "  ".join(f"{k}={v}" for k, v in (msg.get("counts") or {}).items())
-                console.print(f"[bold]{Path(str(msg.get('source'))).name}[/]  {counts}  "
+                again = " [yellow](redelivered)[/]" if msg.get("redelivered") else ""
+                console.print(f"[bold]{msg.get('name') or msg.get('frame_id')}[/]  {counts}{again}  "
                               f"[dim]({msg.get('latency_ms', 0):.0f} ms, seq {msg.get('seq')})[/]")
             if topic == "frame.counts":
                 seen += 1
