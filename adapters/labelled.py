@@ -1,5 +1,6 @@
-"""Labelled STM images for tests and evaluation: COCO detection JSON, class-folder crops, and the
-matching of detections to ground-truth boxes (IoU >= 0.5 or centroid inside the box).
+"""Labelled STM images for tests and evaluation: COCO detection JSON, labelme JSON, Pascal VOC XML,
+class-folder crops (:func:`load_labelled` detects which), and the matching of detections to
+ground-truth boxes (IoU >= 0.5, configurable, or centroid inside the box).
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -31,6 +33,9 @@ class LabelledImage:
         float64 ``(K, 4)`` ``(x, y, w, h)`` pixels, origin top-left.
     labels : list[str]
         Class name of each box.
+    ann_ids : list[int]
+        Identity of each box: the COCO annotation id; for labelme / VOC the running index of the
+        box over the whole set (1..), in file then box order. Empty = not given.
     """
 
     path: Path
@@ -38,10 +43,14 @@ class LabelledImage:
     height: int
     boxes: np.ndarray
     labels: list[str]
+    ann_ids: list[int] = field(default_factory=list)
 
 
 def load_coco(folder: str | Path) -> tuple[list[LabelledImage], list[str]]:
-    """Read ``<folder>/annotations.json`` (COCO detection).
+    """Read ``<folder>/annotations.json`` (or the given ``.json`` file): COCO detection.
+
+    Boxes are COCO ``bbox`` ``[x, y, w, h]`` (pixels, origin top-left); image paths are relative
+    to the file's folder.
 
     Returns
     -------
@@ -52,7 +61,10 @@ def load_coco(folder: str | Path) -> tuple[list[LabelledImage], list[str]]:
     ImageFormatError
         Missing or malformed annotation file (names it and the reason).
     """
-    p = Path(folder) / "annotations.json"
+    p = Path(folder)
+    if p.is_dir():
+        p = p / "annotations.json"
+    folder = p.parent
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
         cats = {c["id"]: c["name"] for c in data["categories"]}
@@ -66,6 +78,7 @@ def load_coco(folder: str | Path) -> tuple[list[LabelledImage], list[str]]:
                     height=int(im["height"]),
                     boxes=np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4),
                     labels=[cats[a["category_id"]] for a in anns],
+                    ann_ids=[int(a["id"]) for a in anns],
                 )
             )
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -73,12 +86,212 @@ def load_coco(folder: str | Path) -> tuple[list[LabelledImage], list[str]]:
     return out, [cats[k] for k in sorted(cats)]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file, read with OpenCV (raises ImageFormatError)."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageFormatError(path, "cannot be decoded as an image")
+    return int(img.shape[1]), int(img.shape[0])
+
+
+def _labelme_one(p: Path, first_id: int) -> LabelledImage:
+    """One labelme JSON file -> :class:`LabelledImage` (rectangles and polygons -> bounding boxes)."""
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        img_path = p.parent / str(data["imagePath"]).replace("\\", "/")
+        boxes, labels = [], []
+        for sh in data["shapes"]:
+            pts = np.asarray(sh["points"], dtype=np.float64).reshape(-1, 2)
+            if sh.get("shape_type", "polygon") not in ("rectangle", "polygon") or len(pts) < 2:
+                continue  # points, lines, circles: not an object box
+            x0, y0 = pts.min(axis=0)
+            x1, y1 = pts.max(axis=0)
+            boxes.append((x0, y0, x1 - x0, y1 - y0))
+            labels.append(str(sh["label"]))
+        w, h = data.get("imageWidth"), data.get("imageHeight")
+        w, h = (int(w), int(h)) if w and h else _image_size(img_path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ImageFormatError(p, f"not a readable labelme annotation file ({e})") from None
+    return LabelledImage(img_path, w, h, np.array(boxes, np.float64).reshape(-1, 4), labels,
+                         list(range(first_id, first_id + len(boxes))))
+
+
+def load_labelme(path: str | Path) -> tuple[list[LabelledImage], list[str]]:
+    """Read labelme JSON: one file or a folder of them (one file per image).
+
+    A ``rectangle`` or ``polygon`` shape becomes its bounding box ``(x, y, w, h)`` from the min/max
+    of its points (pixels, origin top-left, as labelme stores them); other shape types are skipped.
+    ``imagePath`` is relative to the JSON file; the size is ``imageWidth/imageHeight`` (or read
+    from the image).
+
+    Returns
+    -------
+    (images, classes) : images sorted by image file name; class names sorted.
+
+    Raises
+    ------
+    ImageFormatError
+        Unreadable or malformed file (names it and the reason), or no file found.
+    """
+    p = Path(path)
+    files = sorted(p.glob("*.json")) if p.is_dir() else [p]
+    files = [f for f in files if f.name != "annotations.json"]
+    if not files:
+        raise ImageFormatError(p, "no labelme .json file found")
+    out, nid = [], 1
+    for f in files:
+        im = _labelme_one(f, nid)
+        nid += len(im.labels)
+        out.append(im)
+    out.sort(key=lambda i: i.path.name)
+    return out, sorted({lab for im in out for lab in im.labels})
+
+
+def _voc_one(p: Path, first_id: int) -> LabelledImage:
+    """One Pascal VOC XML file -> :class:`LabelledImage`."""
+    try:
+        root = ET.parse(p).getroot()
+        if root.tag != "annotation":
+            raise ValueError(f"root element is <{root.tag}>, expected <annotation>")
+        img_path = p.parent / root.findtext("filename", "").strip()
+        boxes, labels = [], []
+        for obj in root.iter("object"):
+            bb = obj.find("bndbox")
+            x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            # VOC corners are 1-based inclusive pixels: the VOC->COCO rule of the data's authors
+            boxes.append((x0 - 1.0, y0 - 1.0, x1 - x0 + 1.0, y1 - y0 + 1.0))
+            labels.append(obj.findtext("name", "").strip())
+        size = root.find("size")
+        if size is not None and size.findtext("width"):
+            w, h = int(float(size.findtext("width"))), int(float(size.findtext("height")))
+        else:
+            w, h = _image_size(img_path)
+    except (OSError, ValueError, TypeError, AttributeError, ET.ParseError) as e:
+        raise ImageFormatError(p, f"not a readable Pascal VOC annotation file ({e})") from None
+    return LabelledImage(img_path, w, h, np.array(boxes, np.float64).reshape(-1, 4), labels,
+                         list(range(first_id, first_id + len(boxes))))
+
+
+def load_voc(path: str | Path) -> tuple[list[LabelledImage], list[str]]:
+    """Read Pascal VOC XML (labelImg): one file or a folder of them (one file per image).
+
+    ``<bndbox>`` corners are 1-based inclusive; the box is ``x = xmin - 1, y = ymin - 1,
+    w = xmax - xmin + 1, h = ymax - ymin + 1`` (the rule the F-HPB/sparse authors used for their
+    COCO files, which it reproduces box for box). ``<filename>`` is relative to the XML file.
+
+    Returns
+    -------
+    (images, classes) : images sorted by image file name; class names sorted.
+
+    Raises
+    ------
+    ImageFormatError
+        Unreadable or malformed file (names it and the reason), or no file found.
+    """
+    p = Path(path)
+    files = sorted(p.glob("*.xml")) if p.is_dir() else [p]
+    if not files:
+        raise ImageFormatError(p, "no Pascal VOC .xml file found")
+    out, nid = [], 1
+    for f in files:
+        im = _voc_one(f, nid)
+        nid += len(im.labels)
+        out.append(im)
+    out.sort(key=lambda i: i.path.name)
+    return out, sorted({lab for im in out for lab in im.labels})
+
+
+@dataclass
+class LabelledSet:
+    """A labelled data set in any supported format.
+
+    Attributes
+    ----------
+    name : str
+        Folder (or file stem) name.
+    format : str
+        ``"coco"``, ``"labelme"``, ``"voc"`` or ``"crops"``.
+    classes : list[str]
+        Class names (COCO: ordered by category id; others sorted).
+    images : list[LabelledImage]
+        Images with boxes (empty for ``crops``).
+    crops : dict[str, list[Path]]
+        ``crops`` only: ``{class: crop image paths}`` (:func:`crop_folders`).
+    """
+
+    name: str
+    format: str
+    classes: list[str]
+    images: list[LabelledImage] = field(default_factory=list)
+    crops: dict[str, list[Path]] = field(default_factory=dict)
+
+    @property
+    def n_objects(self) -> int:
+        """Ground-truth objects: boxes, or crop files."""
+        if self.format == "crops":
+            return sum(len(v) for v in self.crops.values())
+        return sum(len(im.labels) for im in self.images)
+
+
+def load_labelled(path: str | Path) -> LabelledSet:
+    """Load a labelled set, detecting its format.
+
+    * a folder with ``annotations.json``, or a ``.json`` file with ``images`` and ``annotations``:
+      COCO detection (:func:`load_coco`);
+    * a ``.json`` file with ``shapes``, or a folder of such files: labelme (:func:`load_labelme`);
+    * an ``.xml`` file, or a folder of them: Pascal VOC (:func:`load_voc`);
+    * a folder of class sub-folders holding images: single-object crops (:func:`crop_folders`).
+
+    Raises
+    ------
+    ImageFormatError
+        The path is missing, in no recognised format, or its annotation file is malformed (the
+        error names the file and the reason).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageFormatError(p, "labelled data not found")
+    if p.is_dir():
+        if (p / "annotations.json").is_file():
+            ims, cl = load_coco(p)
+            return LabelledSet(p.name, "coco", cl, ims)
+        if any(p.glob("*.xml")):
+            ims, cl = load_voc(p)
+            return LabelledSet(p.name, "voc", cl, ims)
+        if any(p.glob("*.json")):
+            ims, cl = load_labelme(p)
+            return LabelledSet(p.name, "labelme", cl, ims)
+        crops = crop_folders(p)
+        if crops:
+            return LabelledSet(p.name, "crops", sorted(crops), crops=crops)
+        raise ImageFormatError(p, "no annotations.json, labelme .json, VOC .xml or class folders of images")
+    if p.suffix.lower() == ".xml":
+        ims, cl = load_voc(p)
+        return LabelledSet(p.stem, "voc", cl, ims)
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ImageFormatError(p, f"not readable JSON ({e})") from None
+        if isinstance(data, dict) and "images" in data and "annotations" in data:
+            ims, cl = load_coco(p)
+            return LabelledSet(p.stem, "coco", cl, ims)
+        if isinstance(data, dict) and "shapes" in data:
+            ims, cl = load_labelme(p)
+            return LabelledSet(p.stem, "labelme", cl, ims)
+        raise ImageFormatError(p, "JSON is neither COCO (images + annotations) nor labelme (shapes)")
+    raise ImageFormatError(p, "unknown annotation format (expected a folder, .json or .xml)")
+
+
 def crop_folders(folder: str | Path) -> dict[str, list[Path]]:
     """Class folders of single-object crops: ``{class: sorted image paths}`` (png/jpg/tif)."""
     out = {}
     for d in sorted(Path(folder).iterdir()):
         if d.is_dir():
-            files = sorted(f for f in d.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"))
+            files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
             if files:
                 out[d.name] = files
     return out
@@ -137,14 +350,18 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1e-12)
 
 
-def match_boxes(det_boxes: np.ndarray, det_centroids: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
+def match_boxes(det_boxes: np.ndarray, det_centroids: np.ndarray, gt_boxes: np.ndarray,
+                iou_min: float = 0.5) -> np.ndarray:
     """One-to-one matching of detections to ground truth (greedy by IoU, then centroid distance).
 
-    A pair qualifies when IoU >= 0.5 or the detection's centroid lies inside the ground-truth box.
+    A pair qualifies when IoU >= ``iou_min`` or the detection's centroid lies inside the
+    ground-truth box.
 
     Parameters
     ----------
     det_boxes : ``(N, 4)`` ``(x, y, w, h)``; det_centroids : ``(N, 2)`` ``(x, y)``; gt_boxes : ``(K, 4)``.
+    iou_min : float
+        IoU at or above which a pair qualifies (default 0.5, PASCAL VOC).
 
     Returns
     -------
@@ -164,7 +381,7 @@ def match_boxes(det_boxes: np.ndarray, det_centroids: np.ndarray, gt_boxes: np.n
     )
     gc = g[:, :2] + g[:, 2:] / 2
     dist = np.hypot(c[:, 0, None] - gc[None, :, 0], c[:, 1, None] - gc[None, :, 1])
-    ok = (iou >= 0.5) | inside
+    ok = (iou >= iou_min) | inside
     # rank qualifying pairs: higher IoU first, then closer centroid
     score = np.where(ok, iou - 1e-6 * dist, -np.inf)
     order = np.argsort(-score, axis=None)

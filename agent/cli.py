@@ -8,6 +8,7 @@
     stm-agent config init                      print the commented default configuration
     stm-agent models export ...                export an open_clip image encoder to ONNX
     stm-agent replay DIR                       play real scans on the controller feed (simulated controller)
+    stm-agent evaluate DATA --compare ...      precision / recall / F1 against labelled data
     stm-agent status                           what a running agent is doing
     stm-agent results export                   per-frame / per-object tables (csv, json, parquet)
 """
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.cli_models import models_app
+from agent.cli_evaluate import evaluate
 from agent.cli_feed import replay
 from agent.cli_service import results_app, status
 from agent.config import AgentConfig, default_yaml_text, load_config
@@ -47,6 +49,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(results_app, name="results")
 app.command()(status)
 app.command()(replay)
+app.command()(evaluate)
 
 console = Console()
 err_console = Console(stderr=True)

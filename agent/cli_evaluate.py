@@ -1,0 +1,152 @@
+"""``stm-agent evaluate``: score recognition against labelled ground truth (COCO, labelme, VOC, crops).
+
+The logic is in :mod:`agent.evaluation`; this module parses options, prints the tables and writes
+the JSON / PNG / CSV outputs. Register with ``app.command()(evaluate)`` in :mod:`agent.cli`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from agent.errors import StmAgentError
+
+console = Console()
+
+
+def _overrides(items: list[str]) -> dict:
+    """``["normalise.mirror=false", ...]`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    for it in items:
+        if "=" not in it:
+            raise typer.BadParameter(f"--set expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        d = out
+        parts = k.strip().split(".")
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = yaml.safe_load(v)
+    return out
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text).strip("_")
+
+
+def evaluate(
+    data: Path = typer.Argument(..., help="Labelled set: COCO folder/JSON, labelme JSON(s), VOC XML(s), or a "
+                                "folder of class folders of crops."),
+    mode: str = typer.Option("end-to-end", "--mode", help="end-to-end (segmentation + recognition) or "
+                             "recognition (crops at the ground-truth boxes)."),
+    compare: str = typer.Option("pixel", "--compare", help="Comma-separated entries: pixel, zernike, clip, auto, "
+                                "pixel+descriptors, unimr-as-released."),
+    k: int = typer.Option(1, "--k", min=1, help="References drawn per class."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Number of reference draws (seeds seed0..seed0+N-1)."),
+    seed0: int = typer.Option(0, "--seed", help="First seed."),
+    reference_ids: Optional[str] = typer.Option(None, "--reference-ids", help="Explicit references: "
+                                                "comma-separated annotation ids (one draw)."),
+    references: Optional[Path] = typer.Option(None, "--references", help="Explicit reference library folder "
+                                              "(`stm-agent refs` format; one draw)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Similarity threshold of the headline "
+                                              "figures (default match.threshold)."),
+    iou: float = typer.Option(0.5, "--iou", help="IoU at or above which a detection matches a box "
+                              "(a centroid inside the box also matches)."),
+    pixel_size: float = typer.Option(1.0, "--pixel-size", help="nm per pixel of rendered images."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Exported CLIP folder (for clip / auto)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N images."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML configuration."),
+    set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE (repeatable), e.g. "
+                                   "normalise.mirror=false."),
+    out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder (JSON, PNGs, CSV)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name of the run (file stem; default: set name)."),
+    csv_out: bool = typer.Option(False, "--csv", help="Also write the per-object CSV."),
+) -> None:
+    """Evaluate recognition on labelled data: per-class P/R/F1, confusion, threshold sweep, seed spread."""
+    from adapters.labelled import load_labelled
+    from adapters.plots import plot_confusion, plot_sweep
+    from agent.config import load_config
+    from agent.evaluation import EvalSettings, evaluate as run_eval, is_finite_json, object_rows
+
+    try:
+        over = _overrides(set_)
+        if model_dir is not None:
+            over.setdefault("encoder", {})["model_dir"] = str(model_dir)
+        cfg = load_config(config, overrides=over)
+        lset = load_labelled(data)
+        st = EvalSettings(
+            mode=mode, entries=[e.strip() for e in compare.split(",") if e.strip()], k=k,
+            seeds=list(range(seed0, seed0 + seeds)),
+            threshold=cfg.match.threshold if threshold is None else threshold, iou=iou, pixel_size_nm=pixel_size,
+            reference_ids=[int(a) for a in reference_ids.split(",")] if reference_ids else None,
+            references=references, max_images=max_images,
+        )
+        report, scored = run_eval(lset, cfg, st)
+    except StmAgentError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    report["overrides"] = over
+    stem = _slug(name or lset.name)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, cols = report["confusion_rows"], report["confusion_cols"]
+    tab = Table(title=f"{lset.name} ({report['mode']}, threshold {st.threshold}, "
+                      f"{len(st.seeds) if not (st.reference_ids or st.references) else 1} draw(s), K={k})")
+    for c in ("entry", "micro P", "micro R", "micro F1", "macro F1", "best t", "F1@best", "plateau", "det. recall",
+              "chosen"):
+        tab.add_column(c, justify="left" if c in ("entry", "chosen") else "right")
+    curves = {}
+    for e, r in report["results"].items():
+        s = r["summary"]
+        mi, ma, b = s["micro"], s["macro"], s["best"]
+        pm = lambda d: f"{d['mean']:.2f}±{d['std']:.2f}"  # noqa: E731
+        tab.add_row(r["label"], pm(mi["precision"]), pm(mi["recall"]), pm(mi["f1"]), pm(ma["f1"]),
+                    f"{b['best_threshold']:.2f}", f"{b['best_f1']:.2f}", f"{b['plateau'][0]:.2f}-{b['plateau'][1]:.2f}",
+                    pm(s["detection_recall"]) if "detection_recall" in s else "-",
+                    ", ".join(f"{a}:{n}" for a, n in s.get("encoder_chosen", {}).items()) or "-")
+        png = out / f"{stem}_{_slug(e)}_confusion.png"
+        plot_confusion(np.array(s["confusion_summed"]), rows, cols,
+                       f"{lset.name}: {r['label']}\n(summed over {s['n_draws']} draw(s), t={st.threshold})", png)
+        r["confusion_png"] = png.name
+        sw = s["sweep_mean"]
+        curves[r["label"]] = (np.array(sw["micro_f1"]), np.array(sw["micro_f1_std"]))
+    sweep_png = out / f"{stem}_sweep.png"
+    plot_sweep(st.thresholds, curves, f"{lset.name} ({report['mode']}): micro F1 vs threshold", sweep_png, st.threshold)
+    report["sweep_png"] = sweep_png.name
+    console.print(tab)
+    for e, r in report["results"].items():
+        ct = Table(title=f"{r['label']}: per class (mean over draws)")
+        for c in ("class", "P", "R", "F1", "support"):
+            ct.add_column(c, justify="left" if c == "class" else "right")
+        for c, v in r["summary"]["per_class"].items():
+            ct.add_row(c, f"{v['precision']['mean']:.2f}", f"{v['recall']['mean']:.2f}", f"{v['f1']['mean']:.2f}",
+                       f"{v['support']['mean']:.0f}")
+        console.print(ct)
+        cm = Table(title=f"{r['label']}: confusion (rows true, columns predicted; summed over draws)")
+        cm.add_column("true \\ pred")
+        for c in cols:
+            cm.add_column(c, justify="right")
+        for lab, row in zip(rows, r["summary"]["confusion_summed"]):
+            cm.add_row(lab, *map(str, row))
+        console.print(cm)
+    js = out / f"{stem}.json"
+    js.write_text(json.dumps(is_finite_json(report), indent=1, default=str), encoding="utf-8")
+    console.print(f"wrote {js}, {sweep_png.name} and {len(report['results'])} confusion PNG(s) in {out}")
+    if csv_out:
+        path = out / f"{stem}_objects.csv"
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = None
+            for e, lst in scored.items():
+                used = st.seeds[:len(lst)]
+                for row in object_rows(lset.name, e, lst, used, st.threshold):
+                    if w is None:
+                        w = csv.DictWriter(f, fieldnames=list(row))
+                        w.writeheader()
+                    w.writerow(row)
+        console.print(f"wrote {path}")

@@ -1,0 +1,160 @@
+"""agent.evaluation on the real labelled data: metrics, sweep, seeds, references, variants, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from adapters.labelled import load_labelled
+from agent.config import load_config
+from agent.evaluation import (EvalSettings, Evaluator, confusion_matrix, evaluate, flatness, metrics, predict,
+                              sweep)
+
+
+def test_micro_macro_from_confusion():
+    # rows: A, B, (no object); cols: A, B, other, missed
+    c = np.array([[8, 1, 1, 0],
+                  [2, 4, 0, 2],
+                  [3, 0, 9, 0]])
+    m = metrics(c, ["A", "B"])
+    # A: TP 8, FP 2 + 3, FN 2; B: TP 4, FP 1, FN 4
+    assert m["per_class"]["A"] == pytest.approx({"precision": 8 / 13, "recall": 0.8, "f1": 2 * 8 / (2 * 8 + 5 + 2),
+                                                 "support": 10, "tp": 8, "fp": 5, "fn": 2})
+    assert m["per_class"]["B"]["precision"] == pytest.approx(0.8) and m["per_class"]["B"]["recall"] == 0.5
+    assert m["micro"]["precision"] == pytest.approx(12 / 18) and m["micro"]["recall"] == pytest.approx(12 / 18)
+    assert m["macro"]["recall"] == pytest.approx((0.8 + 0.5) / 2)
+    assert m["macro"]["f1"] == pytest.approx((m["per_class"]["A"]["f1"] + m["per_class"]["B"]["f1"]) / 2)
+    # a class without support is left out of the macro mean
+    c0 = np.array([[5, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
+    m0 = metrics(c0, ["A", "B"])
+    assert m0["n_classes_macro"] == 1 and m0["macro"]["f1"] == 1.0 and m0["micro"]["precision"] == pytest.approx(5 / 6)
+
+
+def test_predict_and_confusion():
+    s = np.array([[0.95, 0.2], [0.3, 0.6], [0.99, 0.1], [-1, -1]], np.float32)
+    missed = np.array([False, False, False, True])
+    p = predict(s, missed, 0.9)
+    assert p.tolist() == [0, 2, 0, 3]
+    c = confusion_matrix(np.array([0, 1, -1, 1]), p, 2)
+    assert c.tolist() == [[1, 0, 0, 0], [0, 0, 1, 1], [1, 0, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def sparse_rec(labelled_dir):
+    lset = load_labelled(labelled_dir / "sparse")
+    return Evaluator(lset, load_config(), EvalSettings(mode="recognition", entries=["pixel"], seeds=[0]))
+
+
+def test_sweep_best_equals_direct_evaluation(sparse_rec, labelled_dir):
+    for seed in (0, 3):
+        sc = sparse_rec.score("pixel", seed)
+        sw = sweep(sc.true, sc.scores, sc.missed)
+        fl = flatness(sw["thresholds"], sw["micro_f1"])
+        direct = metrics(sc.confusion(fl["best_threshold"]), sc.classes)
+        assert direct["micro"]["f1"] == pytest.approx(fl["best_f1"], abs=1e-9)
+        for t in (0.5, 0.77, 0.9, 0.99):  # the whole curve, not only the best point
+            i = int(np.argmin(np.abs(sw["thresholds"] - t)))
+            d = metrics(sc.confusion(sw["thresholds"][i]), sc.classes)
+            assert d["micro"]["f1"] == pytest.approx(sw["micro_f1"][i]) and d["macro"]["f1"] == pytest.approx(sw["macro_f1"][i])
+        assert fl["plateau"][0] <= fl["best_threshold"] <= fl["plateau"][1]
+    # end-to-end too (missed objects and no-object detections in play)
+    ev = Evaluator(load_labelled(labelled_dir / "fhpb"), load_config(), EvalSettings(entries=["pixel"]))
+    sc = ev.score("pixel", 1)
+    assert sc.missed.any() or (sc.true < 0).any()
+    sw = sweep(sc.true, sc.scores, sc.missed)
+    i = int(np.argmax(sw["micro_f1"]))
+    assert metrics(sc.confusion(sw["thresholds"][i]), sc.classes)["micro"]["f1"] == pytest.approx(sw["micro_f1"][i])
+
+
+def test_seeds_reproducible_and_references_never_scored(sparse_rec, labelled_dir):
+    a, b = sparse_rec.score("pixel", 5), sparse_rec.score("pixel", 5)
+    assert a.references == b.references
+    np.testing.assert_array_equal(a.scores, b.scores)
+    refs = {sparse_rec.score("pixel", s).references[0]["ann_id"] for s in range(6)}
+    assert len(refs) > 1  # different seeds draw different examples
+    scored_ids = {o["ann_id"] for o in a.objects}
+    assert a.references[0]["ann_id"] not in scored_ids
+    assert len(a.objects) == sum(len(im.labels) for im in sparse_rec.images) - 1
+    # end-to-end: neither the reference box nor a detection matched to it is scored
+    ev = Evaluator(load_labelled(labelled_dir / "fhpb"), load_config(), EvalSettings(entries=["pixel"], k=2))
+    sc = ev.score("pixel", 2)
+    ref_ids = {r["ann_id"] for r in sc.references}
+    assert len(ref_ids) == 4 and not ref_ids & {o["ann_id"] for o in sc.objects}
+    # explicit annotation ids
+    ev2 = Evaluator(sparse_rec.lset, load_config(), EvalSettings(mode="recognition", reference_ids=[5]))
+    assert ev2.score("pixel", 0).references[0]["ann_id"] == 5
+
+
+def test_fhpb_crops_mirror_off_beats_mirror_on(labelled_dir):
+    """F-HPB L/R are enantiomers: mirrored poses let an L reference match R objects."""
+    lset = load_labelled(labelled_dir / "crops" / "FHPB")
+    acc = {}
+    for mirror in (True, False):
+        ev = Evaluator(lset, load_config(overrides={"normalise": {"mirror": mirror}}),
+                       EvalSettings(mode="recognition", entries=["pixel"]))
+        # accuracy = micro recall without threshold (every crop holds one object), 10 draws
+        acc[mirror] = np.mean([metrics(ev.score("pixel", s).confusion(-1.0), ev.classes)["micro"]["recall"]
+                               for s in range(10)])
+    print("crops/FHPB accuracy mirror on %.3f, off %.3f" % (acc[True], acc[False]))
+    assert acc[False] > acc[True]
+
+
+def test_unimr_as_released_differs_as_documented(labelled_dir):
+    lset = load_labelled(labelled_dir / "sparse")
+    ev = Evaluator(lset, load_config(), EvalSettings(mode="end-to-end", entries=["pixel", "unimr-as-released"],
+                                                     max_images=2))
+    ours, rel = ev.score("pixel", 0), ev.score("unimr-as-released", 0)
+    assert ours.references == rel.references                       # same draw
+    assert ours.info["window_nm"] > 0 and rel.info["window_nm"] is None  # bbox crops, no fixed window
+    assert "encoder_chosen" in rel.info                            # pooled-max GMM selection
+    refs = ev.draw_references(0)
+    g_ours, _ = ev.reference_grey(refs, released=False)
+    g_rel, _ = ev.reference_grey(refs, released=True)
+    assert not np.array_equal(g_ours, g_rel)
+    r_ours = ev._ref_embeddings("pixel", g_ours, [0], released=False)
+    r_rel = ev._ref_embeddings("pixel", g_rel, [0], released=True)
+    assert r_ours.mirrored.any() and not r_rel.mirrored.any()      # no mirror poses
+    assert len(r_ours.emb) == 2 * len(r_rel.emb) == 72
+    assert not np.allclose(ours.scores, rel.scores)
+
+
+def test_cli_outputs(labelled_dir, tmp_path):
+    from agent.cli_evaluate import evaluate as cmd
+
+    app = typer.Typer()
+    app.command()(cmd)
+    app.callback()(lambda: None)
+    r = CliRunner().invoke(app, ["evaluate", str(labelled_dir / "sparse"), "--compare", "pixel,auto", "--seeds", "2",
+                                 "--max-images", "2", "--out", str(tmp_path), "--csv", "--threshold", "0.95"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "sparse.json").read_text())
+    assert rep["settings"]["threshold"] == 0.95 and rep["settings"]["seeds"] == [0, 1]
+    assert rep["config"]["match"]["threshold"] == 0.9 and rep["mode"] == "end-to-end"
+    assert set(rep["results"]) == {"pixel", "auto"}
+    s = rep["results"]["auto"]["summary"]
+    assert sum(s["encoder_chosen"].values()) == 4  # 2 frames x 2 draws
+    assert 0 <= s["detection_recall"]["mean"] <= 1 and len(s["sweep_mean"]["micro_f1"]) == 50
+    pngs = list(tmp_path.glob("*.png"))
+    assert len(pngs) == 3 and all(p.stat().st_size < 200_000 for p in pngs)
+    lines = (tmp_path / "sparse_objects.csv").read_text().splitlines()
+    assert lines[0].startswith("set,entry,seed,image,ann_id") and len(lines) > 10
+    bad = CliRunner().invoke(app, ["evaluate", str(labelled_dir / "sparse"), "--compare", "clip", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "model-dir" in bad.output
+
+
+def test_evaluate_report_has_everything(labelled_dir):
+    rep, scored = evaluate(load_labelled(labelled_dir / "crops" / "Monoradical"), load_config(),
+                           EvalSettings(entries=["pixel", "zernike"], seeds=[0, 1, 2]))
+    assert rep["mode"] == "recognition"  # crops sets are recognition-only
+    for e in ("pixel", "zernike"):
+        s = rep["results"][e]["summary"]
+        conf = np.array(s["confusion_summed"])
+        assert conf.shape == (3, 4) and conf[:, 3].sum() == 0  # no 'missed' in recognition-only
+        assert s["n_draws"] == 3 and s["micro"]["f1"]["std"] >= 0
+        per = rep["results"][e]["seeds"]
+        assert [p["seed"] for p in per] == [0, 1, 2]
+        assert s["micro"]["f1"]["mean"] == pytest.approx(np.mean([p["micro"]["f1"] for p in per]))
