@@ -33,16 +33,23 @@ def plane_fit(frame: np.ndarray) -> np.ndarray:
     """
     ny, nx = frame.shape
     ok = np.isfinite(frame)
-    if np.count_nonzero(ok) < 3:
+    n = np.count_nonzero(ok)
+    if n < 3:
         return np.zeros((ny, nx), dtype=np.float64)
-    yy, xx = np.nonzero(ok)
-    z = frame[ok].astype(np.float64)
-    # centre coordinates for conditioning
-    xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
-    A = np.column_stack([np.ones_like(z), xx - xc, yy - yc])
-    coef, *_ = np.linalg.lstsq(A, z, rcond=None)
-    gy, gx = np.mgrid[0:ny, 0:nx]
-    return coef[0] + coef[1] * (gx - xc) + coef[2] * (gy - yc)
+    # Normal equations A^T A c = A^T z of the design [1, x, y], from per-row/column sums (O(N), no
+    # N x 3 matrix); coordinates centred for conditioning.
+    xs = np.arange(nx, dtype=np.float64) - (nx - 1) / 2.0
+    ys = np.arange(ny, dtype=np.float64) - (ny - 1) / 2.0
+    okf = ok.astype(np.float64)
+    zf = np.where(ok, frame, 0.0).astype(np.float64)
+    cx, ry = okf.sum(axis=0), okf.sum(axis=1)
+    sx, sy = cx @ xs, ry @ ys
+    ata = np.array([[n, sx, sy],
+                    [sx, cx @ xs**2, ys @ okf @ xs],
+                    [sy, ys @ okf @ xs, ry @ ys**2]])
+    atz = np.array([zf.sum(), zf.sum(axis=0) @ xs, zf.sum(axis=1) @ ys])
+    coef, *_ = np.linalg.lstsq(ata, atz, rcond=None)  # lstsq: a line of pixels is rank-deficient
+    return coef[0] + coef[1] * xs[None, :] + coef[2] * ys[:, None]
 
 
 def flatten(frame: np.ndarray, plane: bool = True, rows: RowMode = "median") -> np.ndarray:
@@ -82,8 +89,15 @@ def flatten(frame: np.ndarray, plane: bool = True, rows: RowMode = "median") -> 
         off = np.zeros(out.shape[0], dtype=np.float64)
         if finite_rows.any():
             sub = out[finite_rows]
-            off[finite_rows] = np.nanmedian(sub, axis=1) if rows == "median" else np.nanmean(sub, axis=1)
+            dense = bool(np.isfinite(sub).all())  # np.median is ~3x faster than nanmedian
+            if rows == "median":
+                off[finite_rows] = np.median(sub, axis=1) if dense else np.nanmedian(sub, axis=1)
+            else:
+                off[finite_rows] = sub.mean(axis=1) if dense else np.nanmean(sub, axis=1)
         out = out - off[:, None]
-    if np.isfinite(out).any():
-        out = out - np.nanmedian(out)
+    fin = np.isfinite(out)
+    if fin.all():
+        out = out - np.median(out)
+    elif fin.any():
+        out = out - np.median(out[fin])
     return out.astype(np.float32)

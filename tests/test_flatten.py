@@ -62,3 +62,18 @@ def test_rejects_bad_input():
         flatten(np.zeros((2, 3, 4), np.float32))
     with pytest.raises(ValueError, match="rows"):
         flatten(np.zeros((4, 4), np.float32), rows="poly")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["si111_7x7_steps_200nm_256_down.sxm", "porphyrin_pair_128_down_nan51pct.sxm"])
+def test_plane_fit_equals_least_squares_on_the_pixels(sxm_dir, name):
+    """The O(N) normal-equation plane equals numpy's least squares on the finite pixels (real scans,
+    one with half its lines not acquired)."""
+    z = read_sxm(sxm_dir / name).frame("Z").astype(np.float64)
+    ny, nx = z.shape
+    ok = np.isfinite(z)
+    yy, xx = np.nonzero(ok)
+    a = np.column_stack([np.ones(len(xx)), xx - (nx - 1) / 2, yy - (ny - 1) / 2])
+    c, *_ = np.linalg.lstsq(a, z[ok], rcond=None)
+    gy, gx = np.mgrid[0:ny, 0:nx]
+    ref = c[0] + c[1] * (gx - (nx - 1) / 2) + c[2] * (gy - (ny - 1) / 2)
+    assert np.abs(plane_fit(z) - ref).max() <= 1e-9 * np.abs(ref).max()
