@@ -103,7 +103,7 @@ class SegmentConfig(_Strict):
 
     method: Literal["otsu", "value"] = "otsu"
     threshold: float | None = None
-    polarity: Literal["bright", "dark"] = "bright"
+    polarity: Literal["bright", "dark", "both"] = "bright"
     min_area_nm2: float | None = Field(None, ge=0)
     max_area_nm2: float | None = Field(None, gt=0)
     auto_area_sd: float = Field(2.0, gt=0)
@@ -144,6 +144,7 @@ class MatchConfig(_Strict):
 
     threshold: float = Field(0.9, ge=-1, le=1)
     descriptor_weight: float = Field(0.0, ge=0, le=1)
+    threshold_mode: Literal["fixed", "gmm"] = "fixed"
 
 
 class AgentConfig(_Strict):
