@@ -9,20 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.labelled import crop_folders, crops_accuracy, evaluate_set
+from adapters.labelled import load_labelled
 from adapters.references import ReferenceLibrary
 from adapters.sxm import read_sxm
-from agent.config import AgentConfig, NormaliseConfig
+from agent.config import AgentConfig, load_config
 from agent.domain import OTHER
 from agent.errors import ReferenceLibraryError
+from agent.evaluation import EvalSettings, Evaluator, flatness, metrics, sweep
 from agent.pipeline import Recognizer, detect, reference_crop_at
-from models.pixel import PixelEncoder
-
-
-def _table(name, tally):
-    for c, t in tally.items():
-        p, r, f = t.prf()
-        print(f"{name:<8}{c:<8} TP {t.tp:>4} FP {t.fp:>4} FN {t.fn:>4}  P {p:.2f} R {r:.2f} F1 {f:.2f}")
 
 
 def test_recognise_nanonis_scan(tmp_path, sxm_dir):
@@ -65,45 +59,74 @@ def test_missing_library_is_a_clear_error(tmp_path):
         Recognizer.from_config(cfg)
 
 
+def _at(sw, key, t):
+    """Value of sweep curve ``key`` at threshold ``t``."""
+    return float(sw[key][int(np.argmin(np.abs(sw["thresholds"] - t)))])
+
+
 def test_sparse_one_species_end_to_end(labelled_dir):
-    # one reference M per image (the object at the first labelled box's centre, picked as
-    # `refs add --at` does); look-alikes are unlabelled, so every
-    # look-alike recognised as M is a false positive.
-    t90, seg = evaluate_set(labelled_dir / "sparse")
-    t98, _ = evaluate_set(labelled_dir / "sparse", {"match": {"threshold": 0.98}})
-    _table("sparse@0.90", t90)
-    _table("sparse@0.98", t98)
-    print("segmentation", seg)
-    # measured (pixel encoder, window 1.3 x segmented extent): @0.90 P 0.20 R 0.98 F1 0.34;
-    # @0.98 P 0.92 R 0.97 F1 0.94 (the blurred look-alikes correlate > 0.9 with M)
-    assert seg["matched"] / seg["gt"] >= 0.93
-    assert t90["M"].prf()[1] >= 0.9
-    p98, r98, f98 = t98["M"].prf()
-    assert r98 >= 0.85 and f98 >= 0.85
-    assert p98 > t90["M"].prf()[0]  # a stricter threshold trades recall for precision
+    # one M reference for the whole set, drawn (seeds 0-4, `refs add --at` at the box centre);
+    # look-alikes are unlabelled, so every look-alike recognised as M is a false positive. One
+    # scoring per draw, every threshold read from the sweep.
+    ev = Evaluator(load_labelled(labelled_dir / "sparse"), load_config(), EvalSettings(entries=["pixel"]))
+    rows = []
+    for seed in range(5):
+        sc = ev.score("pixel", seed)
+        sw = sweep(sc.true, sc.scores, sc.missed)
+        fl = flatness(sw["thresholds"], sw["micro_f1"])  # one class: micro = M
+        rows.append([sc.info["detection_recall"], *(_at(sw, f"micro_{m}", t) for t in (0.9, 0.98)
+                                                    for m in ("precision", "recall", "f1")),
+                     fl["best_f1"], fl["best_threshold"]])
+        print(f"sparse seed {seed} ref {sc.references[0]['ann_id']}: det R {rows[-1][0]:.2f}  @0.90 P/R/F1 "
+              + " ".join(f"{v:.2f}" for v in rows[-1][1:4]) + "  @0.98 " + " ".join(f"{v:.2f}" for v in rows[-1][4:7])
+              + f"  best F1 {fl['best_f1']:.2f} @{fl['best_threshold']:.2f}")
+    det, p90, r90, f90, p98, r98, f98, best, best_t = np.array(rows).T
+    med = lambda a: float(np.median(a))  # noqa: E731
+    # measured (pixel encoder, window 1.3 x reference extent), seeds 1-4: det R 1.00 (66/66);
+    # @0.90 P 0.20-0.24 R 0.89-0.91; @0.98 P 0.88-0.94 R 0.23-0.68 F1 0.37-0.78; best F1 0.73-0.81
+    # @0.97 (the blurred look-alikes correlate > 0.9 with M). Seed 0 draws ann 20, an 88x91 px box
+    # (~3x a typical M, window 109 instead of ~30): R 0.06 at every threshold.
+    assert det.min() >= 0.95
+    assert (r90 >= 0.85).sum() >= 4
+    assert med(p98) >= 0.85 and med(p98) > med(p90) + 0.5  # a stricter threshold buys precision...
+    assert med(f98) >= 0.5 and med(f98) > med(f90)          # ...and F1 (median 0.60 vs 0.34)
+    assert med(best) >= 0.7 and 0.95 <= med(best_t) <= 0.99  # median best F1 0.75 at 0.97
 
 
 def test_fhpb_monolayer_measured(labelled_dir):
     # dense monolayer: threshold segmentation splits each molecule into its lobes (see
     # tests/test_segment.py), so end-to-end L/R counting fails here; recorded honestly.
-    tally, seg = evaluate_set(labelled_dir / "fhpb")
-    _table("fhpb", tally)
-    print("segmentation", seg)
-    # every labelled molecule holds at least one segmented object (its lobes; measured 109/109)
-    assert seg["matched"] / seg["gt"] >= 0.95
-    assert set(tally) == {"L", "R"}
+    # Mirror off: the enantiomers are mirror images.
+    ev = Evaluator(load_labelled(labelled_dir / "fhpb"), load_config(overrides={"normalise": {"mirror": False}}),
+                   EvalSettings(entries=["pixel"]))
+    sc = ev.score("pixel", 0)
+    m = metrics(sc.confusion(0.9), sc.classes)
+    print("fhpb", sc.info, "micro@0.90", {k: round(v, 2) for k, v in m["micro"].items()})
+    # every labelled molecule holds at least one segmented object (its lobes); measured 99/99
+    # scored boxes (109 labelled less border boxes and references), 378 of 477 kept detections
+    # match no box; micro F1 0.16 at 0.9
+    assert sc.info["gt_scored"] >= 90 and sc.info["detection_recall"] >= 0.95
+    assert sc.classes == ["L", "R"] and set(m["per_class"]) == {"L", "R"}
+
+
+def _crop_acc(folder, k, seeds, overrides=None):
+    """Recognition-only accuracy (micro recall without threshold: one object per crop) per draw."""
+    ev = Evaluator(load_labelled(folder), load_config(overrides=overrides), EvalSettings(mode="recognition", k=k))
+    return np.array([metrics(ev.score("pixel", s).confusion(-1.0), ev.classes)["micro"]["recall"] for s in seeds])
 
 
 def test_crops_recognition_only(labelled_dir):
-    enc = PixelEncoder(64)
+    seeds = range(10)  # crops embed once per evaluator: 10 draws cost < 1 s
     # F-HPB enantiomers: mirroring must be off (a mirrored L is an R)
-    conf = crops_accuracy(crop_folders(labelled_dir / "crops" / "FHPB"), NormaliseConfig(mirror=False), enc)
-    acc = sum(conf[c][c] for c in conf) / sum(sum(v.values()) for v in conf.values())
-    mono1 = crops_accuracy(crop_folders(labelled_dir / "crops" / "Monoradical"), NormaliseConfig(), enc)
-    mono3 = crops_accuracy(crop_folders(labelled_dir / "crops" / "Monoradical"), NormaliseConfig(), enc, n_refs=3)
-    acc_m = [sum(c[k][k] for k in c) / sum(sum(v.values()) for v in c.values()) for c in (mono1, mono3)]
-    print(f"crops FHPB accuracy {acc:.2f} {conf}; Monoradical 1 ref {acc_m[0]:.2f}, 3 refs {acc_m[1]:.2f} {mono3}")
-    # measured: FHPB 0.95 (42/44); Monoradical 0.40 with 1 ref, 0.82 with 3 refs
-    assert acc >= 0.85
-    assert conf["L"]["L"] >= 18 and conf["R"]["R"] >= 15
-    assert acc_m[1] >= 0.7
+    off = {"normalise": {"mirror": False}}
+    f1, f3 = (_crop_acc(labelled_dir / "crops" / "FHPB", k, seeds, off) for k in (1, 3))
+    # Monoradical (chiral / others), default poses; with the same seed the k=3 draw extends the
+    # k=1 draw, so the draws pair up
+    m1, m3 = (_crop_acc(labelled_dir / "crops" / "Monoradical", k, seeds) for k in (1, 3))
+    for name, a in (("FHPB k=1", f1), ("FHPB k=3", f3), ("Monoradical k=1", m1), ("Monoradical k=3", m3)):
+        print(f"crops {name}: mean {a.mean():.3f} min {a.min():.3f} {np.round(a, 2).tolist()}")
+    # measured: FHPB mean 0.78 (0.61-1.00) with 1 reference per class, 0.95 (0.75-1.00) with 3;
+    # Monoradical 0.82 (0.64-0.87) with 1, 0.89 (0.84-0.98) with 3, better in 8 of 10 draws
+    assert f1.mean() >= 0.7 and f3.mean() >= 0.9
+    assert m3.mean() >= 0.85 and m3.mean() >= m1.mean() + 0.04
+    assert (m3 > m1).sum() >= 7 and m3.min() > m1.min()
