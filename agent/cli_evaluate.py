@@ -57,6 +57,10 @@ def evaluate(
                                               "(`stm-agent refs` format; one draw)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Similarity threshold of the headline "
                                               "figures (default match.threshold)."),
+    threshold_mode: Optional[str] = typer.Option(None, "--threshold-mode", help="Headline threshold: fixed "
+                                                 "(--threshold) or gmm (per-frame GMM threshold, per image "
+                                                 "end-to-end, per set recognition-only); default "
+                                                 "match.threshold_mode. Both are always reported."),
     iou: float = typer.Option(0.5, "--iou", help="IoU at or above which a detection matches a box "
                               "(a centroid inside the box also matches)."),
     pixel_size: float = typer.Option(1.0, "--pixel-size", help="nm per pixel of rendered images."),
@@ -87,6 +91,7 @@ def evaluate(
             threshold=cfg.match.threshold if threshold is None else threshold, iou=iou, pixel_size_nm=pixel_size,
             reference_ids=[int(a) for a in reference_ids.split(",")] if reference_ids else None,
             references=references, max_images=max_images,
+            threshold_mode=cfg.match.threshold_mode if threshold_mode is None else threshold_mode,
         )
         report, scored = run_eval(lset, cfg, st)
     except StmAgentError as e:
@@ -96,9 +101,9 @@ def evaluate(
     stem = _slug(name or lset.name)
     out.mkdir(parents=True, exist_ok=True)
     rows, cols = report["confusion_rows"], report["confusion_cols"]
-    tab = Table(title=f"{lset.name} ({report['mode']}, threshold {st.threshold}, "
+    tab = Table(title=f"{lset.name} ({report['mode']}, threshold {st.threshold} {st.threshold_mode}, "
                       f"{len(st.seeds) if not (st.reference_ids or st.references) else 1} draw(s), K={k})")
-    for c in ("entry", "micro P", "micro R", "micro F1", "macro F1", "best t", "F1@best", "plateau", "det. recall",
+    for c in ("entry", "micro P", "micro R", "micro F1", "macro F1", "F1 fixed", "F1 gmm", "gmm t", "best t", "F1@best", "plateau", "det. recall",
               "chosen"):
         tab.add_column(c, justify="left" if c in ("entry", "chosen") else "right")
     curves = {}
@@ -106,7 +111,10 @@ def evaluate(
         s = r["summary"]
         mi, ma, b = s["micro"], s["macro"], s["best"]
         pm = lambda d: f"{d['mean']:.2f}±{d['std']:.2f}"  # noqa: E731
+        g = s["gmm"]
         tab.add_row(r["label"], pm(mi["precision"]), pm(mi["recall"]), pm(mi["f1"]), pm(ma["f1"]),
+                    pm(g["fixed_micro_f1"]), pm(g["micro"]["f1"]),
+                    f"{g['threshold']['mean']:.2f} ({g['n_fallback']}/{g['n_groups']} fb)",
                     f"{b['best_threshold']:.2f}", f"{b['best_f1']:.2f}", f"{b['plateau'][0]:.2f}-{b['plateau'][1]:.2f}",
                     pm(s["detection_recall"]) if "detection_recall" in s else "-",
                     ", ".join(f"{a}:{n}" for a, n in s.get("encoder_chosen", {}).items()) or "-")

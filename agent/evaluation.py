@@ -27,6 +27,12 @@ selection per frame, :func:`agent.selection.select_encoder`), ``pixel+descriptor
 ``match.descriptor_weight`` 0.3, end-to-end only) and ``unimr-as-released`` (the released GUI's
 choices: no mirror poses, query/reference crops = the object's bounding box stretched to the crop
 size instead of a fixed physical window, pooled-max GMM selection between the auto candidates).
+
+Adaptive threshold (``match.threshold_mode: gmm``, :func:`agent.match.gmm_threshold`): every run
+also scores the per-frame GMM threshold (``summary["gmm"]``), fitted to the best similarities of the
+scored (non-missed, non-reference) objects of a *group*: one image end-to-end (as the pipeline fits
+it per frame), the whole set recognition-only (crops of a set are not frames; per-image groups of a
+few boxes would mostly fall back). ``EvalSettings.threshold_mode = "gmm"`` makes it the headline.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from adapters.labelled import LabelledSet, _box_on_border, image_scan, match_box
 from agent.config import AgentConfig, NormaliseConfig
 from agent.domain import OTHER
 from agent.errors import ConfigError
-from agent.match import RefEmbeddings, species_scores
+from agent.match import RefEmbeddings, gmm_threshold, species_scores
 from agent.normalise import crop_windows, frame_range, make_poses, normalise_crops, to_grey
 
 NO_OBJECT = "(no object)"
@@ -73,6 +79,36 @@ def predict(scores: np.ndarray, missed: np.ndarray, threshold: float) -> np.ndar
     best = np.argmax(scores, axis=1)
     top = scores[np.arange(n), best]
     return np.where(missed, k + 1, np.where(top >= threshold, best, k)).astype(np.int64)
+
+
+def adaptive_thresholds(scores: np.ndarray, missed: np.ndarray, group: np.ndarray | None,
+                        threshold: float) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Per-object threshold of ``match.threshold_mode: gmm``: one :func:`agent.match.gmm_threshold`
+    per group, fitted to the best similarity of that group's non-missed objects.
+
+    Parameters
+    ----------
+    scores : float32 ``(N, K)``; missed : bool ``(N,)``; group : int ``(N,)`` (None: one group).
+    threshold : ``match.threshold`` (fallback and centre of the clipping range).
+
+    Returns
+    -------
+    (thr, records) : float64 ``(N,)`` threshold of each object (for :func:`predict`); one
+        ``{"group": g, **AdaptiveThreshold.to_json()}`` per group.
+    """
+    n, k = scores.shape
+    g = np.zeros(n, np.int64) if group is None else np.asarray(group, np.int64)
+    thr = np.full(n, float(threshold))
+    if n == 0 or k == 0:
+        return thr, []
+    top = scores.max(axis=1).astype(np.float64)
+    recs = []
+    for gid in np.unique(g):
+        rows = g == gid
+        at = gmm_threshold(top[rows & ~missed], threshold)
+        thr[rows] = at.value
+        recs.append({"group": int(gid), **at.to_json()})
+    return thr, recs
 
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -196,6 +232,8 @@ class EvalSettings:
     reference_ids : explicit references (annotation ids); one draw, ``seeds`` ignored.
     references : explicit reference library folder (``stm-agent refs`` format); one draw.
     max_images : use only the first N images of a set (subsampling; None = all).
+    threshold_mode : ``"fixed"`` (headline at ``threshold``) or ``"gmm"`` (headline at the per-group
+        adaptive threshold, :func:`adaptive_thresholds`); both are always reported.
     """
 
     mode: str = "end-to-end"
@@ -206,6 +244,7 @@ class EvalSettings:
     iou: float = 0.5
     thresholds: np.ndarray = field(default_factory=lambda: SWEEP.copy())
     pixel_size_nm: float = 1.0
+    threshold_mode: str = "fixed"
     reference_ids: list[int] | None = None
     references: Path | None = None
     max_images: int | None = None
@@ -216,7 +255,8 @@ class EvalSettings:
                 "threshold": self.threshold, "iou": self.iou,
                 "thresholds": [float(t) for t in self.thresholds], "pixel_size_nm": self.pixel_size_nm,
                 "reference_ids": self.reference_ids,
-                "references": str(self.references) if self.references else None, "max_images": self.max_images}
+                "references": str(self.references) if self.references else None, "max_images": self.max_images,
+                "threshold_mode": self.threshold_mode}
 
 
 @dataclass
@@ -232,6 +272,7 @@ class Scored:
     objects : per-object records (image, ann_id, bbox) in the same order.
     references : the references used ({class, ann_id, image}).
     info : window_nm, encoder choices (auto), detection counts.
+    group : int ``(N,)`` group of the adaptive threshold (image index end-to-end, 0 otherwise).
     """
 
     classes: list[str]
@@ -241,9 +282,10 @@ class Scored:
     objects: list[dict[str, Any]]
     references: list[dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
+    group: np.ndarray | None = None
 
-    def confusion(self, threshold: float) -> np.ndarray:
-        """:func:`confusion_matrix` at ``threshold``."""
+    def confusion(self, threshold: float | np.ndarray) -> np.ndarray:
+        """:func:`confusion_matrix` at ``threshold`` (scalar or float ``(N,)`` per object)."""
         return confusion_matrix(self.true, predict(self.scores, self.missed, threshold), len(self.classes))
 
 
@@ -538,7 +580,7 @@ class Evaluator:
                 raise ConfigError("pixel+descriptors with --references is not supported (use drawn references)")
             ref_emb["pixel"] = self._with_descriptors(ref_emb["pixel"], refs)
         ref_set = set(refs)
-        true, scores, missed, objects, chosen = [], [], [], [], {}
+        true, scores, missed, objects, chosen, group = [], [], [], [], {}, []
         k = len(self.classes)
         groups = [None] if self.crops_mode else range(len(self.images))
         for i in groups:
@@ -575,6 +617,8 @@ class Evaluator:
             true += q_true
             missed += [False] * len(q_idx)
             objects += q_obj
+            gid = i if (self.mode == "end-to-end" and i is not None) else 0  # recognition: the whole set
+            group += [gid] * (len(q_idx) + len(miss_rows))
             for lab, rec in miss_rows:
                 scores.append(np.full((1, k), -1.0, np.float32))
                 true.append(lab)
@@ -591,7 +635,7 @@ class Evaluator:
                          "detection_recall": float(((t >= 0) & ~m).sum() / gt) if gt else 0.0,
                          "detections_scored": int((~m).sum()), "detections_no_object": int(((t < 0) & ~m).sum())})
         return Scored(self.classes, t, np.concatenate(scores).astype(np.float32).reshape(-1, k) if scores
-                      else np.zeros((0, k), np.float32), m, objects, ref_recs, info)
+                      else np.zeros((0, k), np.float32), m, objects, ref_recs, info, np.array(group, np.int64))
 
     def _library_references(self) -> tuple[list[tuple[int, int]], list[int], np.ndarray, float, list[dict]]:
         """References from a :class:`adapters.references.ReferenceLibrary` folder.
@@ -709,15 +753,23 @@ def evaluate_entry(ev: Evaluator, entry: str) -> tuple[dict[str, Any], list[Scor
     seeds = [s.seeds[0]] if (s.reference_ids or s.references) else list(s.seeds)
     per_seed, scored = [], []
     conf_sum = None
+    if s.threshold_mode not in ("fixed", "gmm"):
+        raise ConfigError(f"threshold_mode: {s.threshold_mode!r}; allowed: fixed, gmm")
     for seed in seeds:
         sc = ev.score(entry, seed)
-        conf = sc.confusion(s.threshold)
+        thr_gmm, thr_recs = adaptive_thresholds(sc.scores, sc.missed, sc.group, s.threshold)
+        conf_gmm = sc.confusion(thr_gmm)
+        conf_fixed = sc.confusion(s.threshold)
+        conf = conf_gmm if s.threshold_mode == "gmm" else conf_fixed
         conf_sum = conf if conf_sum is None else conf_sum + conf
         sw = sweep(sc.true, sc.scores, sc.missed, s.thresholds)
         fl = flatness(sw["thresholds"], sw["micro_f1"])
+        mg = metrics(conf_gmm, ev.classes)
         per_seed.append({"seed": seed, "references": sc.references, **sc.info, **metrics(conf, ev.classes),
                          "confusion": conf.tolist(), "sweep": {k: [round(float(x), 5) for x in v] for k, v in sw.items()},
-                         "best": fl})
+                         "best": fl,
+                         "gmm": {"micro": mg["micro"], "macro": mg["macro"], "thresholds": thr_recs,
+                                 "fixed_micro_f1": metrics(conf_fixed, ev.classes)["micro"]["f1"]}})
         scored.append(sc)
     mf = np.array([p["sweep"]["micro_f1"] for p in per_seed])
     maf = np.array([p["sweep"]["macro_f1"] for p in per_seed])
@@ -733,6 +785,17 @@ def evaluate_entry(ev: Evaluator, entry: str) -> tuple[dict[str, Any], list[Scor
                        "micro_f1_std": mf.std(0).round(5).tolist(), "macro_f1": maf.mean(0).round(5).tolist()},
         "best": fl,
         "best_threshold_per_seed": _mean_std([p["best"]["best_threshold"] for p in per_seed]),
+    }
+    vals = [r["value"] for p in per_seed for r in p["gmm"]["thresholds"]]
+    summary["gmm"] = {
+        "threshold_mode": s.threshold_mode,
+        "group": "image" if ev.mode == "end-to-end" else "set",
+        "micro": {m: _mean_std([p["gmm"]["micro"][m] for p in per_seed]) for m in ("precision", "recall", "f1")},
+        "macro_f1": _mean_std([p["gmm"]["macro"]["f1"] for p in per_seed]),
+        "fixed_micro_f1": _mean_std([p["gmm"]["fixed_micro_f1"] for p in per_seed]),
+        "threshold": _mean_std(vals),
+        "n_groups": len(vals),
+        "n_fallback": sum(bool(r["fallback"]) for p in per_seed for r in p["gmm"]["thresholds"]),
     }
     if ev.mode == "end-to-end":
         summary["detection_recall"] = _mean_std([p["detection_recall"] for p in per_seed])

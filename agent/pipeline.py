@@ -19,7 +19,7 @@ from agent.descriptors import descriptor_record, describe_regions, z_unit_of
 from agent.domain import OTHER, Detection, FrameResult, Scan
 from agent.errors import EmptyScanError, NoObjectError, ReferenceLibraryError
 from agent.flatten import flatten
-from agent.match import RefEmbeddings, assign, species_scores
+from agent.match import AdaptiveThreshold, RefEmbeddings, assign, gmm_threshold, species_scores
 from agent.normalise import frame_range, normalise_crops
 from agent.segment import Region, segment
 
@@ -294,6 +294,26 @@ class Recognizer:
             return encoder.embed(grey)
         return np.zeros((0, refs.emb.shape[1]), np.float32)
 
+    def threshold(self, scores: np.ndarray, regions: list[Region], refs: RefEmbeddings) -> AdaptiveThreshold:
+        """Similarity threshold of this frame (``match.threshold_mode``).
+
+        ``fixed``: ``match.threshold``. ``gmm``: :func:`agent.match.gmm_threshold` fitted to the best
+        similarity (max over species) of the counted objects (not those cut by the edge when
+        ``segment.exclude_edge``), applied to every object of the frame.
+
+        Parameters
+        ----------
+        scores : float32 ``(N, K)`` from :func:`agent.match.species_scores`; regions : the N regions.
+        """
+        m = self.cfg.match
+        if m.threshold_mode != "gmm":
+            return AdaptiveThreshold(float(m.threshold), mode="fixed", n_objects=len(regions))
+        if not refs.species or not len(scores):
+            return AdaptiveThreshold(float(m.threshold), fallback=True, reason="no references or objects",
+                                     n_objects=0)
+        counted = np.array([not (r.touches_edge and self.cfg.segment.exclude_edge) for r in regions], bool)
+        return gmm_threshold(scores.max(axis=1)[counted], m.threshold)
+
     def recognise(self, scan: Scan) -> FrameResult:
         """Recognise every object of one frame.
 
@@ -311,7 +331,9 @@ class Recognizer:
             ``{name, id}`` for a fixed encoder; for ``auto`` it is ``Selection.to_json()``
             (``chosen``, ``reason``, ``scores`` of every candidate) + ``name: "auto"``, ``id`` of
             the chosen encoder, ``select`` mode, and with ``select: once`` ``selected_on`` (frame
-            id the choice was made on) and ``locked: true`` once fixed.
+            id the choice was made on) and ``locked: true`` once fixed. ``encoder["threshold"]`` is
+            the threshold used (:meth:`threshold`, :meth:`agent.match.AdaptiveThreshold.to_json`:
+            ``mode``, ``value``, ``fallback``, ``reason``, the GMM fit).
 
         Raises
         ------
@@ -346,7 +368,9 @@ class Recognizer:
             scores, best = species_scores(emb, refs, qd, w)
         else:
             scores, best = species_scores(emb, refs)
-        names, sim, pose = assign(scores, best, refs, cfg.match.threshold)
+        thr = self.threshold(scores, regions, refs)
+        names, sim, pose = assign(scores, best, refs, thr.value)
+        encoder_info = {**encoder_info, "threshold": thr.to_json()}
         t5 = time.perf_counter()
         xs, ys = scan.px_to_nm(centres[:, 0], centres[:, 1])
         counts = {s: 0 for s in refs.species}

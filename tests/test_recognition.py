@@ -47,7 +47,8 @@ def test_recognise_nanonis_scan(tmp_path, sxm_dir):
         assert -1.0 <= d.similarity <= 1.0 + 1e-5 and d.area_nm2 > 0
         assert (d.species == OTHER) == (d.similarity < cfg.match.threshold)
     assert set(res.timings_ms) >= {"flatten", "segment", "normalise", "encode", "match"}
-    assert res.encoder == {"name": "pixel", "id": "pixel/v1/size64"}
+    assert res.encoder == {"name": "pixel", "id": "pixel/v1/size64",
+                           "threshold": {"mode": "fixed", "value": cfg.match.threshold}}
     assert res.image is not None and res.image.shape == scan.shape
     assert res.scan["pixels"] == [256, 256] and res.frame_id == scan.frame_id
 
