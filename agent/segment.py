@@ -4,6 +4,10 @@ UniMR (Cao et al., Adv. Sci. 2025): pixels brighter than a threshold (seeded by 
 molecules; OpenCV ``findContours`` outlines them; contours inside a size window (seeded at the
 mean +- 2 sd of the contour areas) are single molecules; objects cut by the image edge are not
 counted; an overlapping cluster is one object.
+
+``polarity: both`` (protrusions and depressions in one pass, e.g. point defects of both contrasts
+on a lattice) thresholds the deviation from the background level on both sides; see
+:func:`signed_mask`. Every :class:`Region` carries its contrast sign.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class Region:
         reported, not counted).
     contour : np.ndarray
         int32 ``(K, 2)`` outer contour points ``(x, y)`` in pixels (OpenCV ``findContours``).
+    contrast : int
+        +1 for a protrusion (brighter than the background: ``polarity`` ``bright``, or the bright
+        side of ``both``), -1 for a depression (``dark``, or the dark side of ``both``).
     """
 
     label: int
@@ -55,6 +62,7 @@ class Region:
     extent_nm: float
     touches_edge: bool
     contour: np.ndarray
+    contrast: int = 1
 
     def contains(self, x_px: float, y_px: float) -> bool:
         """True if the point ``(x, y)`` (pixels) lies inside or on the region's outer contour."""
@@ -79,15 +87,20 @@ def threshold_mask(image: np.ndarray, cfg: SegmentConfig) -> tuple[np.ndarray, n
     image : np.ndarray
         ``(ny, nx)`` float (any unit), NaN = not acquired.
     cfg : SegmentConfig
-        ``smooth_px`` Gaussian sigma (px, 0 = none); ``polarity`` bright/dark; ``method`` ``otsu``
-        (Otsu 1979 on the finite pixels) or ``value`` (``threshold`` in robust standard deviations,
-        1.4826 x MAD, above the median).
+        ``smooth_px`` Gaussian sigma (px, 0 = none); ``polarity`` bright/dark/both; ``method``
+        ``otsu`` (Otsu 1979 on the finite pixels) or ``value`` (``threshold`` in robust standard
+        deviations, 1.4826 x MAD, above the median). ``both``: see :func:`signed_mask`.
 
     Returns
     -------
     (mask, valid, t) : bool ``(ny, nx)`` foreground (never on NaN pixels), bool ``(ny, nx)`` finite
-        pixels, and the threshold used (in the units of the smoothed, polarity-adjusted image).
+        pixels, and the threshold used (in the units of the smoothed, polarity-adjusted image;
+        for ``both`` the distance from the background level on either side, see
+        :func:`signed_mask`).
     """
+    if cfg.polarity == "both":
+        signs, valid, (t_dark, _) = signed_mask(image, cfg)
+        return signs != 0, valid, t_dark
     filled, valid = fill_nan(np.asarray(image, dtype=np.float32))
     if cfg.polarity == "dark":
         filled = -filled
@@ -103,6 +116,63 @@ def threshold_mask(image: np.ndarray, cfg: SegmentConfig) -> tuple[np.ndarray, n
     else:
         t = float(threshold_otsu(vals))
     return (filled > t) & valid, valid, t
+
+
+def signed_mask(image: np.ndarray, cfg: SegmentConfig) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Signed foreground of a flattened image: protrusions (+1) and depressions (-1).
+
+    The background of a flattened frame is its median level ``m`` (the terrace or the lattice
+    average: objects cover a minority of the pixels). After the same Gaussian smoothing as
+    :func:`threshold_mask`, the deviation ``d = z_s - m`` is thresholded on both sides, with the
+    sign kept:
+
+    - ``method: otsu``: one threshold ``t = Otsu(|d|)`` (Otsu 1979 on the absolute deviation of
+      the finite pixels) serves both sides: pixels with ``d > t`` are protrusions, ``d < -t``
+      depressions. A single threshold on ``|d|`` treats the background noise, which is symmetric
+      about the median, alike on both sides. Two one-sided thresholds (Otsu of ``d > 0`` and of
+      ``-d > 0`` separately) were measured as the alternative on the 27 wse2_defects images: where
+      one side holds few objects its half-distribution is mostly noise and Otsu splits it, giving
+      36 % more inner detections (15271 vs 11234) for 3 points more detection recall (0.75 vs 0.72).
+    - ``method: value``: ``t = threshold x 1.4826 MAD(d)`` (robust standard deviations of the
+      background noise, default 2), the two-sided form of the ``value`` method of
+      :func:`threshold_mask` (``median + threshold x robust sd`` above, and now also below).
+      Otsu assumes two populations of comparable weight; for sparse defects on a lattice (well
+      under 1 % of the pixels) it cuts into the noise of the background, whereas a fixed
+      significance threshold does not: on wse2_defects ``value`` with 4 sd keeps detection recall
+      0.67 with 7 x fewer inner detections than ``otsu`` (1566 vs 11234).
+
+    Parameters
+    ----------
+    image : np.ndarray
+        ``(ny, nx)`` float (any unit), NaN = not acquired.
+    cfg : SegmentConfig
+        ``smooth_px``, ``method``, ``threshold`` as above (``polarity`` is not read).
+
+    Returns
+    -------
+    (signs, valid, (t_dark, t_bright)) : int8 ``(ny, nx)`` in {-1, 0, +1} (0 on NaN pixels and
+        on the background), bool ``(ny, nx)`` finite pixels, and the two distances from the median
+        (units of the smoothed image; equal for both methods; NaN for a constant or empty image,
+        where ``signs`` is all 0).
+    """
+    filled, valid = fill_nan(np.asarray(image, dtype=np.float32))
+    if cfg.smooth_px > 0:
+        filled = cv2.GaussianBlur(filled, (0, 0), sigmaX=cfg.smooth_px, borderType=cv2.BORDER_REFLECT)
+    signs = np.zeros(filled.shape, np.int8)
+    vals = filled[valid]
+    if vals.size == 0 or float(vals.max() - vals.min()) == 0.0:
+        return signs, valid, (float("nan"), float("nan"))
+    med = float(np.median(vals))
+    d = filled - np.float32(med)
+    dv = d[valid]
+    if cfg.method == "value":
+        k = float(cfg.threshold if cfg.threshold is not None else 2.0)
+        t_bright = t_dark = k * 1.4826 * float(np.median(np.abs(dv)))
+    else:
+        t_bright = t_dark = float(threshold_otsu(np.abs(dv)))
+    signs[(d > t_bright) & valid] = 1
+    signs[(d < -t_dark) & valid] = -1
+    return signs, valid, (t_dark, t_bright)
 
 
 def auto_area_window(areas_px: np.ndarray, k_sd: float) -> tuple[float, float]:
@@ -137,6 +207,64 @@ def auto_area_window(areas_px: np.ndarray, k_sd: float) -> tuple[float, float]:
     return max(float(MIN_SPECK_PX), float(np.exp(mu - k_sd * sd))), float(np.exp(mu + k_sd * sd))
 
 
+def _components(mask: np.ndarray, valid: np.ndarray):
+    """Connected components (8-connectivity) of ``mask`` with the edge flag per label."""
+    ny, nx = mask.shape
+    n, labels, stats, cents = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    # regions touching the NaN boundary: under the dilated invalid area
+    edge = np.zeros(n, dtype=bool)
+    if not valid.all():
+        grown = cv2.dilate((~valid).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        edge[np.unique(labels[grown & mask])] = True
+    x, y, w, h = (stats[:, i] for i in range(4))
+    edge |= (x == 0) | (y == 0) | (x + w >= nx) | (y + h >= ny)
+    ids = np.arange(1, n)
+    ids = ids[stats[ids, 4] >= MIN_SPECK_PX]
+    return labels, stats, cents, edge, ids
+
+
+def _window(area: np.ndarray, edge: np.ndarray, cfg: SegmentConfig, px_area: float) -> tuple[float, float]:
+    """Size window in pixels: configured, or :func:`auto_area_window` of the inner regions."""
+    if cfg.min_area_nm2 is not None or cfg.max_area_nm2 is not None:
+        lo = (cfg.min_area_nm2 or 0.0) / px_area
+        hi = (cfg.max_area_nm2 / px_area) if cfg.max_area_nm2 is not None else float("inf")
+        return lo, hi
+    inner = area[~edge]
+    return auto_area_window(inner if inner.size >= 3 else area, cfg.auto_area_sd)
+
+
+def _regions(mask, labels, stats, cents, edge, keep, pixel_size_nm, contrast: int, label_offset: int = 0):
+    """Regions of the kept labels: contour (OpenCV ``findContours``), box, centroid, extent."""
+    dx, dy = pixel_size_nm
+    x, y, w, h, area = (stats[:, i] for i in range(5))
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    by_label: dict[int, np.ndarray] = {}
+    for c in contours:
+        px, py = c[0, 0]
+        by_label.setdefault(int(labels[py, px]), c.reshape(-1, 2))
+    out = []
+    scale = np.array([dx, dy], dtype=np.float32)
+    for i in keep:
+        c = by_label.get(int(i))
+        if c is None:  # pragma: no cover - every component has an outer contour
+            continue
+        (_, _), r = cv2.minEnclosingCircle((c.astype(np.float32) * scale).reshape(-1, 1, 2))
+        out.append(
+            Region(
+                label=int(i) + label_offset,
+                bbox_px=(int(x[i]), int(y[i]), int(w[i]), int(h[i])),
+                centroid_px=(float(cents[i, 0]), float(cents[i, 1])),
+                area_px=int(area[i]),
+                area_nm2=float(area[i]) * (dx * dy),
+                extent_nm=float(2 * r + max(dx, dy)),
+                touches_edge=bool(edge[i]),
+                contour=c.astype(np.int32),
+                contrast=contrast,
+            )
+        )
+    return out
+
+
 def segment(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: SegmentConfig) -> list[Region]:
     """Segment a flattened frame into objects inside the single-object size window.
 
@@ -149,13 +277,22 @@ def segment(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: SegmentC
     cfg : SegmentConfig
         Threshold, polarity, smoothing and size window (``min_area_nm2``/``max_area_nm2``; where
         None, :func:`auto_area_window` on the regions not touching the edge, ``auto_area_sd``).
+        ``polarity: both``: protrusions and depressions of :func:`signed_mask` are separate
+        connected components (a bright rim next to a dark centre gives two regions), and the
+        automatic size window is taken per polarity. On wse2_defects the two populations differ
+        in size (troughs mostly "Small", peaks mostly "Large"); one joint window centred on the
+        mixed median cut the peaks (detection recall of the Peak boxes 0.57 joint vs 0.66 per
+        polarity, Otsu; equal within 0.01 with ``method: value``).
 
     Returns
     -------
     list[Region]
         Regions sorted top-to-bottom, left-to-right. Regions inside the window are returned;
         edge regions (cut, so their area is too small) are kept if at least ``MIN_SPECK_PX`` pixels
-        and not above the upper bound, with ``touches_edge=True``.
+        and not above the upper bound, with ``touches_edge=True``. ``Region.contrast`` is +1 for
+        ``bright``, -1 for ``dark`` and the sign of the deviation for ``both``; with ``both`` the
+        labels of the depressions are offset by the number of protrusion components, so labels stay
+        unique. ``bright`` and ``dark`` give exactly the regions of the single-polarity algorithm.
 
     Raises
     ------
@@ -168,51 +305,23 @@ def segment(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: SegmentC
     dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
     if not (dx > 0 and dy > 0):
         raise ValueError(f"pixel size must be positive, got {pixel_size_nm}")
-    mask, valid, _ = threshold_mask(img, cfg)
-    if not mask.any():
-        return []
-    ny, nx = mask.shape
-    n, labels, stats, cents = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    # regions touching the NaN boundary: under the dilated invalid area
-    edge = np.zeros(n, dtype=bool)
-    if not valid.all():
-        grown = cv2.dilate((~valid).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-        edge[np.unique(labels[grown & mask])] = True
-    x, y, w, h, area = (stats[:, i] for i in range(5))
-    edge |= (x == 0) | (y == 0) | (x + w >= nx) | (y + h >= ny)
-    ids = np.arange(1, n)
-    ids = ids[area[ids] >= MIN_SPECK_PX]
     px_area = dx * dy
-    if cfg.min_area_nm2 is not None or cfg.max_area_nm2 is not None:
-        lo = (cfg.min_area_nm2 or 0.0) / px_area
-        hi = (cfg.max_area_nm2 / px_area) if cfg.max_area_nm2 is not None else float("inf")
+    if cfg.polarity == "both":
+        signs, valid, _ = signed_mask(img, cfg)
+        parts = [(signs > 0, 1), (signs < 0, -1)]
     else:
-        inner = ids[~edge[ids]]
-        lo, hi = auto_area_window(area[inner] if inner.size >= 3 else area[ids], cfg.auto_area_sd)
-    keep = ids[(area[ids] <= hi) & ((area[ids] >= lo) | edge[ids])]
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    by_label: dict[int, np.ndarray] = {}
-    for c in contours:
-        px, py = c[0, 0]
-        by_label.setdefault(int(labels[py, px]), c.reshape(-1, 2))
-    regions = []
-    scale = np.array([dx, dy], dtype=np.float32)
-    for i in keep:
-        c = by_label.get(int(i))
-        if c is None:  # pragma: no cover - every component has an outer contour
-            continue
-        (_, _), r = cv2.minEnclosingCircle((c.astype(np.float32) * scale).reshape(-1, 1, 2))
-        regions.append(
-            Region(
-                label=int(i),
-                bbox_px=(int(x[i]), int(y[i]), int(w[i]), int(h[i])),
-                centroid_px=(float(cents[i, 0]), float(cents[i, 1])),
-                area_px=int(area[i]),
-                area_nm2=float(area[i]) * px_area,
-                extent_nm=float(2 * r + max(dx, dy)),
-                touches_edge=bool(edge[i]),
-                contour=c.astype(np.int32),
-            )
-        )
+        mask, valid, _ = threshold_mask(img, cfg)
+        parts = [(mask, -1 if cfg.polarity == "dark" else 1)]
+    comps = [(m, contrast, *_components(m, valid)) for m, contrast in parts if m.any()]
+    if not comps:
+        return []
+    regions: list[Region] = []
+    offset = 0
+    for m, contrast, labels, stats, cents, edge, ids in comps:
+        area = stats[:, 4]
+        lo, hi = _window(area[ids], edge[ids], cfg, px_area)
+        keep = ids[(area[ids] <= hi) & ((area[ids] >= lo) | edge[ids])]
+        regions += _regions(m, labels, stats, cents, edge, keep, (dx, dy), contrast, offset)
+        offset += len(stats) - 1
     regions.sort(key=lambda r: (r.centroid_px[1], r.centroid_px[0]))
     return regions
