@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from adapters.sxm import MAX_SIDE_PX
-from adapters.zmq_io import encode
-from agent.domain import Scan
-from agent.errors import EmptyScanError, ScanFormatError
+from stm_agent.adapters.sxm import MAX_SIDE_PX
+from stm_agent.adapters.zmq_io import encode
+from stm_agent.agent.domain import Scan
+from stm_agent.agent.errors import EmptyScanError, ScanFormatError
 
 __all__ = [
     "TOPICS",

@@ -30,11 +30,11 @@ from typing import Any, Callable
 
 import zmq
 
-from adapters.arrayscan import TOPICS, ArrayHeaderError, validate_array_header
-from adapters.arrival import Arrival, now_utc
-from adapters.folder import sha256_file
-from agent.config import ControllerConfig
-from agent.errors import PublishError
+from stm_agent.adapters.arrayscan import TOPICS, ArrayHeaderError, validate_array_header
+from stm_agent.adapters.arrival import Arrival, now_utc
+from stm_agent.adapters.folder import sha256_file
+from stm_agent.agent.config import ControllerConfig
+from stm_agent.agent.errors import PublishError
 
 __all__ = ["ControllerSource"]
 

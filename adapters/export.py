@@ -36,7 +36,7 @@ import sqlite3
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from agent.errors import StmAgentError, StoreError
+from stm_agent.agent.errors import StmAgentError, StoreError
 
 __all__ = ["export_results", "read_rows", "ExportError", "FRAME_COLUMNS", "OBJECT_COLUMNS"]
 

@@ -41,10 +41,10 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from adapters.arrival import Arrival
-from adapters.sxm import expected_file_size
-from agent.config import AcquisitionConfig
-from agent.errors import ConfigError, ScanFormatError
+from stm_agent.adapters.arrival import Arrival
+from stm_agent.adapters.sxm import expected_file_size
+from stm_agent.agent.config import AcquisitionConfig
+from stm_agent.agent.errors import ConfigError, ScanFormatError
 
 __all__ = ["Arrival", "FolderSource", "sha256_file", "OUTPUT_MARK"]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.domain import Scan
-from agent.errors import ImageFormatError
+from stm_agent.agent.domain import Scan
+from stm_agent.agent.errors import ImageFormatError
 
 __all__ = ["read_image", "IMAGE_SUFFIXES"]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.domain import Scan
-from agent.errors import ImageFormatError
+from stm_agent.agent.domain import Scan
+from stm_agent.agent.errors import ImageFormatError
 
 
 @dataclass
@@ -318,7 +318,7 @@ def image_scan(path: str | Path, pixel_size_nm: float = 1.0) -> Scan:
     Uses ``adapters.images.read_image`` when that adapter exists, else :func:`read_grey`.
     """
     try:
-        from adapters.images import read_image  # type: ignore[import-not-found]
+        from stm_agent.adapters.images import read_image  # type: ignore[import-not-found]
     except ImportError:
         read_image = None
     if read_image is not None:

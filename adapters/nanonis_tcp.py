@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from adapters.arrival import Arrival, now_utc
-from adapters.folder import sha256_file
-from adapters.sxm import expected_file_size
-from agent.config import NanonisConfig
-from agent.errors import ScanFormatError, StmAgentError
+from stm_agent.adapters.arrival import Arrival, now_utc
+from stm_agent.adapters.folder import sha256_file
+from stm_agent.adapters.sxm import expected_file_size
+from stm_agent.agent.config import NanonisConfig
+from stm_agent.agent.errors import ScanFormatError, StmAgentError
 
 __all__ = ["NanonisSource", "NanonisClient", "NanonisError", "WaitResult", "HEADER_SIZE",
            "pack_header", "parse_wait_reply"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.domain import OTHER, FrameResult
+from stm_agent.agent.domain import OTHER, FrameResult
 
 # Colour-blind-safe palette (Okabe & Ito 2008), BGR for OpenCV; `other` is always grey.
 _PALETTE = [(0, 159, 230), (233, 180, 86), (115, 158, 0), (66, 228, 240), (178, 114, 0),

@@ -30,8 +30,8 @@ from typing import Any, Callable
 
 import zmq
 
-from adapters.zmq_io import SCHEMA, _jsonable
-from agent.errors import PublishError
+from stm_agent.adapters.zmq_io import SCHEMA, _jsonable
+from stm_agent.agent.errors import PublishError
 
 __all__ = ["QueryServer", "query", "store_handler", "Handler"]
 

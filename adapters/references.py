@@ -36,12 +36,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent import descriptors as D
-from agent.config import NormaliseConfig
-from agent.errors import ReferenceLibraryError
-from agent.match import RefEmbeddings
-from agent.normalise import crop_windows, frame_range, make_poses, to_grey
-from models.base import Encoder
+from stm_agent.agent import descriptors as D
+from stm_agent.agent.config import NormaliseConfig
+from stm_agent.agent.errors import ReferenceLibraryError
+from stm_agent.agent.match import RefEmbeddings
+from stm_agent.agent.normalise import crop_windows, frame_range, make_poses, to_grey
+from stm_agent.models.base import Encoder
 
 _SPECIES_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 

@@ -43,15 +43,15 @@ from typing import Callable, Literal
 import numpy as np
 import zmq
 
-from adapters.arrayscan import (
+from stm_agent.adapters.arrayscan import (
     array_meta_from_scan,
     encode_array_message,
     encode_saved_message,
     encode_sxm_message,
 )
-from adapters.folder import sha256_file
-from adapters.sxm import END_TAG, read_sxm
-from agent.errors import ConfigError, PublishError, ScanFormatError
+from stm_agent.adapters.folder import sha256_file
+from stm_agent.adapters.sxm import END_TAG, read_sxm
+from stm_agent.agent.errors import ConfigError, PublishError, ScanFormatError
 
 __all__ = ["ReplayFeed", "SentFrame", "make_unique_sxm", "make_unique_array",
            "encode_sxm_message", "encode_array_message", "encode_saved_message"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapters.images import IMAGE_SUFFIXES, read_image
-from adapters.sxm import read_sxm
-from agent.domain import Scan
-from agent.errors import ImageFormatError, ScanFormatError
+from stm_agent.adapters.images import IMAGE_SUFFIXES, read_image
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.agent.domain import Scan
+from stm_agent.agent.errors import ImageFormatError, ScanFormatError
 
 __all__ = ["read_scan", "SUPPORTED_SUFFIXES"]
 

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from agent.errors import StmAgentError
+from stm_agent.agent.errors import StmAgentError
 
 __all__ = ["SCHEMA_DIR", "TOPICS", "MessageSchemaError", "schema_for", "validate"]
 

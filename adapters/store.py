@@ -53,8 +53,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agent.domain import FrameResult
-from agent.errors import StoreError
+from stm_agent.agent.domain import FrameResult
+from stm_agent.agent.errors import StoreError
 
 __all__ = ["ResultStore", "SCHEMA_VERSION"]
 

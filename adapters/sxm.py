@@ -37,8 +37,8 @@ from datetime import datetime
 from pathlib import Path
 import numpy as np
 
-from agent.domain import Scan
-from agent.errors import EmptyScanError, ScanFormatError
+from stm_agent.agent.domain import Scan
+from stm_agent.agent.errors import EmptyScanError, ScanFormatError
 
 __all__ = [
     "read_sxm",

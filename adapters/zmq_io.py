@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 import zmq
 
-from agent.errors import PublishError
+from stm_agent.agent.errors import PublishError
 
 __all__ = ["Publisher", "Subscriber", "SCHEMA", "encode", "decode"]
 

@@ -27,12 +27,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agent.cli_models import models_app
-from agent.cli_evaluate import evaluate
-from agent.cli_feed import replay
-from agent.cli_service import results_app, status
-from agent.config import AgentConfig, default_yaml_text, load_config
-from agent.errors import StmAgentError
+from stm_agent.agent.cli_models import models_app
+from stm_agent.agent.cli_evaluate import evaluate
+from stm_agent.agent.cli_feed import replay
+from stm_agent.agent.cli_service import results_app, status
+from stm_agent.agent.config import AgentConfig, default_yaml_text, load_config
+from stm_agent.agent.errors import StmAgentError
 
 app = typer.Typer(
     help="stm-agent: recognise and count molecules in STM scans as the microscope scans, "
@@ -121,9 +121,9 @@ def recognize(
     channel: Optional[str] = typer.Option(None, "--channel", help="Channel to analyse (default Z)."),
 ) -> None:
     """Count the species in SCANS against the reference library; write JSON + annotated PNG."""
-    from adapters.outputs import write_result_files
-    from adapters.scanfile import read_scan
-    from agent.pipeline import Recognizer
+    from stm_agent.adapters.outputs import write_result_files
+    from stm_agent.adapters.scanfile import read_scan
+    from stm_agent.agent.pipeline import Recognizer
 
     cfg = _config(config, refs, **{"match.threshold": threshold, "channel": channel})
     try:
@@ -166,15 +166,15 @@ def refs_add(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Add one example of SPECIES to the reference library."""
-    from adapters.references import ReferenceLibrary
-    from adapters.scanfile import read_scan
-    from agent.pipeline import reference_crop_at
+    from stm_agent.adapters.references import ReferenceLibrary
+    from stm_agent.adapters.scanfile import read_scan
+    from stm_agent.agent.pipeline import reference_crop_at
 
     cfg = _config(config, refs)
     lib = ReferenceLibrary(cfg.references.folder)
     try:
         if image is not None:
-            from adapters.images import read_image
+            from stm_agent.adapters.images import read_image
 
             if pixel_size is None:
                 raise typer.BadParameter("--image needs --pixel-size (nm per pixel of the crop)")
@@ -198,7 +198,7 @@ def refs_add(
 @refs_app.command("list")
 def refs_list(refs: Optional[Path] = RefsOpt, config: Optional[Path] = ConfigOpt) -> None:
     """List the species and examples in the reference library."""
-    from adapters.references import ReferenceLibrary
+    from stm_agent.adapters.references import ReferenceLibrary
 
     cfg = _config(config, refs)
     lib = ReferenceLibrary(cfg.references.folder)
@@ -231,7 +231,7 @@ def run(
 ) -> None:
     """Run the agent: take each new scan from its sources (acquisition folder, controller feed,
     Nanonis TCP), recognise it, record it, publish the counts."""
-    from agent.daemon import Agent, install_signal_handlers
+    from stm_agent.agent.daemon import Agent, install_signal_handlers
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -266,7 +266,7 @@ def listen(
     as_json: bool = typer.Option(False, "--json", help="Print every message as one JSON line."),
 ) -> None:
     """Print the species counts of each frame as a running agent publishes them."""
-    from adapters.zmq_io import Subscriber
+    from stm_agent.adapters.zmq_io import Subscriber
 
     sub = Subscriber(endpoint, ["frame.counts", "agent.status"])
     seen = 0

@@ -17,7 +17,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from agent.errors import StmAgentError
+from stm_agent.agent.errors import StmAgentError
 
 console = Console()
 
@@ -74,10 +74,10 @@ def evaluate(
     csv_out: bool = typer.Option(False, "--csv", help="Also write the per-object CSV."),
 ) -> None:
     """Evaluate recognition on labelled data: per-class P/R/F1, confusion, threshold sweep, seed spread."""
-    from adapters.labelled import load_labelled
-    from adapters.plots import plot_confusion, plot_sweep
-    from agent.config import load_config
-    from agent.evaluation import EvalSettings, evaluate as run_eval, is_finite_json, object_rows
+    from stm_agent.adapters.labelled import load_labelled
+    from stm_agent.adapters.plots import plot_confusion, plot_sweep
+    from stm_agent.agent.config import load_config
+    from stm_agent.agent.evaluation import EvalSettings, evaluate as run_eval, is_finite_json, object_rows
 
     try:
         over = _overrides(set_)

@@ -12,8 +12,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from adapters.replay import MODES, ReplayFeed, SentFrame
-from agent.errors import StmAgentError
+from stm_agent.adapters.replay import MODES, ReplayFeed, SentFrame
+from stm_agent.agent.errors import StmAgentError
 
 console = Console()
 err_console = Console(stderr=True)

@@ -15,7 +15,7 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from agent.errors import StmAgentError
+from stm_agent.agent.errors import StmAgentError
 
 models_app = typer.Typer(help="Encoder models: export open_clip to ONNX for the runtime.", no_args_is_help=True)
 _err = Console(stderr=True)
@@ -62,7 +62,7 @@ def export_cmd(
 ) -> None:
     """Export the image tower of an open_clip model to ONNX, check it, write model.json."""
     try:
-        from models.export import export_clip
+        from stm_agent.models.export import export_clip
     except ImportError as e:  # pragma: no cover - depends on the installed extras
         _err.print(f"[bold red]error:[/] export needs `pip install stm-agent[export]` ({e})")
         raise typer.Exit(code=2)

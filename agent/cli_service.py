@@ -20,8 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agent.config import AgentConfig, load_config
-from agent.errors import StmAgentError
+from stm_agent.agent.config import AgentConfig, load_config
+from stm_agent.agent.errors import StmAgentError
 
 __all__ = ["results_app", "status", "store_summary"]
 
@@ -69,7 +69,7 @@ def results_export(
                                        "parquet needs a file)."),
 ) -> None:
     """Export the recorded results as a table (CSV, JSON or Parquet)."""
-    from adapters.export import export_results
+    from stm_agent.adapters.export import export_results
 
     path = store if store is not None else _load(config).results.store
     try:
@@ -94,8 +94,8 @@ def store_summary(path: Path, last: int = 5) -> dict[str, Any] | None:
     StoreError
         The file is not a readable results store.
     """
-    from adapters.export import _connect
-    from agent.errors import StoreError
+    from stm_agent.adapters.export import _connect
+    from stm_agent.agent.errors import StoreError
 
     if not Path(path).is_file():
         return None
@@ -171,8 +171,8 @@ def status(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Show how the running agent is doing; without an agent, what its results store says."""
-    from adapters.query import query
-    from agent.errors import PublishError
+    from stm_agent.adapters.query import query
+    from stm_agent.agent.errors import PublishError
 
     cfg = _load(config)
     ep = endpoint or cfg.publish.query_endpoint

@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.errors import ConfigError
+from stm_agent.agent.errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -174,7 +174,7 @@ class AgentConfig(_Strict):
 
 def default_yaml_text() -> str:
     """The commented default configuration (``config/default.yaml``)."""
-    return resources.files("config").joinpath("default.yaml").read_text(encoding="utf-8")
+    return resources.files("stm_agent.config").joinpath("default.yaml").read_text(encoding="utf-8")
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

@@ -55,12 +55,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from adapters.arrival import Arrival, Source
-from adapters.store import ResultStore
-from adapters.zmq_io import Publisher
-from agent.config import AgentConfig
-from agent.domain import FrameResult, Scan
-from agent.errors import ScanFormatError, StmAgentError
+from stm_agent.adapters.arrival import Arrival, Source
+from stm_agent.adapters.store import ResultStore
+from stm_agent.adapters.zmq_io import Publisher
+from stm_agent.agent.config import AgentConfig
+from stm_agent.agent.domain import FrameResult, Scan
+from stm_agent.agent.errors import ScanFormatError, StmAgentError
 
 __all__ = ["Agent", "install_signal_handlers", "MAX_ATTEMPTS"]
 
@@ -139,7 +139,7 @@ class Agent:
         self._seq_next, self._seq_high = 1, 0
         try:
             if recognizer is None:
-                from agent.pipeline import Recognizer
+                from stm_agent.agent.pipeline import Recognizer
 
                 recognizer = Recognizer.from_config(cfg, allow_empty=True)
             self.recognizer = recognizer
@@ -356,16 +356,16 @@ class Agent:
     def _read(self, row: dict[str, Any]) -> Scan:
         kind, path = row["kind"], row["path"]
         if kind == "file":
-            from adapters.scanfile import read_scan
+            from stm_agent.adapters.scanfile import read_scan
 
             return read_scan(path)
         if kind == "sxm":
-            from adapters.sxm import read_sxm
+            from stm_agent.adapters.sxm import read_sxm
 
             scan = read_sxm(path)
             scan.source = f"controller:{row['meta'].get('name') or row['frame_id'][:12]}"
             return scan
-        from adapters.arrayscan import scan_from_array
+        from stm_agent.adapters.arrayscan import scan_from_array
 
         try:
             payload = Path(path).read_bytes()
@@ -485,7 +485,7 @@ class Agent:
         out_dir = Path(rc.out_dir) if rc.out_dir is not None else path.parent
         stem = path.stem if row["kind"] == "file" else Path(self._name(row)).stem + "." + row["frame_id"][:12]
         try:
-            from adapters.outputs import write_result_files
+            from stm_agent.adapters.outputs import write_result_files
 
             return write_result_files(result, out_dir, stem, write_json=rc.write_json, write_overlay=rc.write_overlay)
         except Exception as exc:  # noqa: BLE001 - results are in the store and on the socket anyway
@@ -510,15 +510,15 @@ class Agent:
     def _make_sources(self) -> list[Source]:
         cfg, out = self.cfg, []
         if cfg.acquisition.enabled:
-            from adapters.folder import FolderSource
+            from stm_agent.adapters.folder import FolderSource
 
             out.append(FolderSource(cfg.acquisition, known=self.store.has, out=_Inlet(self.submit)))
         if cfg.controller.enabled:
-            from adapters.controller import ControllerSource
+            from stm_agent.adapters.controller import ControllerSource
 
             out.append(ControllerSource(cfg.controller, self.submit, self.store.has))
         if cfg.nanonis.enabled:
-            from adapters.nanonis_tcp import NanonisSource
+            from stm_agent.adapters.nanonis_tcp import NanonisSource
 
             out.append(NanonisSource(cfg.nanonis, self.submit, self.store.has))
         if not out:
@@ -584,12 +584,12 @@ class Agent:
     def _start_services(self) -> None:
         p = self.cfg.publish
         if p.query_endpoint:
-            from adapters.query import QueryServer
+            from stm_agent.adapters.query import QueryServer
 
             self.query_server = QueryServer(p.query_endpoint, self._query, agent_id=self.cfg.agent_id)
             self.query_server.start()
         if self.cfg.metrics.enabled:
-            from adapters.metrics import AgentMetrics
+            from stm_agent.adapters.metrics import AgentMetrics
 
             m = self.cfg.metrics
             self.metrics = AgentMetrics(enabled=True, host=m.host, port=m.port)

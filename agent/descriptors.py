@@ -27,7 +27,7 @@ import numpy as np
 from skimage.measure import label as _cc_label
 from skimage.measure import regionprops
 
-from models.base import l2_normalise
+from stm_agent.models.base import l2_normalise
 
 FEATURES = ("log_area_nm2", "log_extent_nm", "height", "contrast_sign")
 

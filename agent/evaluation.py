@@ -46,12 +46,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from adapters.labelled import LabelledSet, _box_on_border, image_scan, match_boxes, read_grey
-from agent.config import AgentConfig, NormaliseConfig
-from agent.domain import OTHER
-from agent.errors import ConfigError
-from agent.match import RefEmbeddings, gmm_threshold, species_scores
-from agent.normalise import crop_windows, frame_range, make_poses, normalise_crops, to_grey
+from stm_agent.adapters.labelled import LabelledSet, _box_on_border, image_scan, match_boxes, read_grey
+from stm_agent.agent.config import AgentConfig, NormaliseConfig
+from stm_agent.agent.domain import OTHER
+from stm_agent.agent.errors import ConfigError
+from stm_agent.agent.match import RefEmbeddings, gmm_threshold, species_scores
+from stm_agent.agent.normalise import crop_windows, frame_range, make_poses, normalise_crops, to_grey
 
 NO_OBJECT = "(no object)"
 MISSED = "missed"
@@ -362,7 +362,7 @@ class Evaluator:
     def encoder(self, name: str):
         """The encoder ``name`` (built once)."""
         if name not in self._enc:
-            from models.registry import make_encoder
+            from stm_agent.models.registry import make_encoder
 
             self._enc[name] = make_encoder(self.cfg.encoder.model_copy(update={"name": name}), self.cfg.normalise)
         return self._enc[name]
@@ -382,7 +382,7 @@ class Evaluator:
     def detections(self, i: int) -> tuple:
         """``(image, regions, det_boxes (N,4), centroids (N,2), edge (N,), match (N,), gt_border (K,))``."""
         if i not in self._det:
-            from agent.pipeline import detect
+            from stm_agent.agent.pipeline import detect
 
             im = self.images[i]
             scan = image_scan(im.path, self.s.pixel_size_nm)
@@ -500,7 +500,7 @@ class Evaluator:
         """Recognition-only on boxes: the flattened frame (no segmentation needed)."""
         key = ("plain", i)
         if key not in self._det:
-            from agent.flatten import flatten
+            from stm_agent.agent.flatten import flatten
 
             scan = image_scan(self.images[i].path, self.s.pixel_size_nm)
             self._det[key] = flatten(scan.frame(self.cfg.channel, self.cfg.direction),
@@ -559,7 +559,7 @@ class Evaluator:
     # -- one entry, one draw
     def score(self, entry: str, seed: int) -> Scored:
         """Per-object best-species scores of ``entry`` with the references of draw ``seed``."""
-        from agent.selection import select_encoder
+        from stm_agent.agent.selection import select_encoder
 
         released = entry == RELEASED
         names = _candidates(self.cfg) if entry in ("auto", RELEASED) else ["pixel" if entry == "pixel+descriptors" else entry]
@@ -649,7 +649,7 @@ class Evaluator:
         ConfigError
             A library species is not a class of the set.
         """
-        from adapters.references import ReferenceLibrary
+        from stm_agent.adapters.references import ReferenceLibrary
 
         lib = ReferenceLibrary(self.s.references)
         entries, grey = lib.reference_crops(self.cfg.normalise)
@@ -711,7 +711,7 @@ class Evaluator:
 
     # -- physical descriptors (pixel+descriptors)
     def _with_descriptors(self, refs: RefEmbeddings, objs: list[tuple[int, int]]) -> RefEmbeddings:
-        from agent.descriptors import describe_regions, fit_reference_scaler
+        from stm_agent.agent.descriptors import describe_regions, fit_reference_scaler
 
         rows = []
         for i, j in objs:
@@ -727,7 +727,7 @@ class Evaluator:
         return refs
 
     def _descriptor_scores(self, i: int, emb: np.ndarray, refs: RefEmbeddings) -> np.ndarray:
-        from agent.descriptors import describe_regions
+        from stm_agent.agent.descriptors import describe_regions
 
         image, regions = self.detections(i)[:2]
         qd = refs.standardise(describe_regions(image, regions, (self.s.pixel_size_nm,) * 2, None).matrix())

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.domain import OTHER
+from stm_agent.agent.domain import OTHER
 
 
 @dataclass
@@ -108,7 +108,7 @@ def species_scores(
         raise ValueError(f"descriptor weight must be in 0..1, got {weight}")
     sim = q @ refs.emb.T  # (N, M): cosine similarity as one matrix product
     if weight > 0 and query_desc is not None:
-        from agent.descriptors import descriptor_cosine
+        from stm_agent.agent.descriptors import descriptor_cosine
 
         qd = np.asarray(query_desc, np.float64)
         if refs.desc_std is None or qd.shape != (len(q), refs.desc_std.shape[1]):

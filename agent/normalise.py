@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from agent.config import NormaliseConfig
+from stm_agent.agent.config import NormaliseConfig
 
 
 def circular_mask(size_px: int) -> np.ndarray:

@@ -14,14 +14,14 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from agent.config import AgentConfig
-from agent.descriptors import descriptor_record, describe_regions, z_unit_of
-from agent.domain import OTHER, Detection, FrameResult, Scan
-from agent.errors import EmptyScanError, NoObjectError, ReferenceLibraryError
-from agent.flatten import flatten
-from agent.match import AdaptiveThreshold, RefEmbeddings, assign, gmm_threshold, species_scores
-from agent.normalise import frame_range, normalise_crops
-from agent.segment import Region, segment
+from stm_agent.agent.config import AgentConfig
+from stm_agent.agent.descriptors import descriptor_record, describe_regions, z_unit_of
+from stm_agent.agent.domain import OTHER, Detection, FrameResult, Scan
+from stm_agent.agent.errors import EmptyScanError, NoObjectError, ReferenceLibraryError
+from stm_agent.agent.flatten import flatten
+from stm_agent.agent.match import AdaptiveThreshold, RefEmbeddings, assign, gmm_threshold, species_scores
+from stm_agent.agent.normalise import frame_range, normalise_crops
+from stm_agent.agent.segment import Region, segment
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,8 @@ class Recognizer:
         ModelError
             The CLIP model folder is invalid (``clip``, or ``auto`` with ``model_dir``).
         """
-        from adapters.references import ReferenceLibrary
-        from models.registry import make_encoders
+        from stm_agent.adapters.references import ReferenceLibrary
+        from stm_agent.models.registry import make_encoders
 
         encoders = make_encoders(cfg.encoder, cfg.normalise)
         lib = ReferenceLibrary(cfg.references.folder)
@@ -254,7 +254,7 @@ class Recognizer:
             info = {"name": getattr(self.encoder, "name", type(self.encoder).__name__), "id": self.encoder.id}
             return self._embed(self.encoder, self.refs, grey), self.refs, info
 
-        from agent.selection import PeakSeparation, Selection, select_encoder, select_from_encoders
+        from stm_agent.agent.selection import PeakSeparation, Selection, select_encoder, select_from_encoders
 
         mode = self.cfg.encoder.select
         if self.locked is not None:  # select: once, already chosen: one embedding pass only

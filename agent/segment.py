@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from skimage.filters import threshold_otsu
 
-from agent.config import SegmentConfig
+from stm_agent.agent.config import SegmentConfig
 
 #: Connected regions smaller than this many pixels are noise specks: they never count as objects
 #: and do not enter the automatic size-window statistics.

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.errors import ModelError
-from models.base import l2_normalise
-from models.metadata import ModelMetadata, sha256_file
-from models.preprocess import clip_preprocess
+from stm_agent.agent.errors import ModelError
+from stm_agent.models.base import l2_normalise
+from stm_agent.models.metadata import ModelMetadata, sha256_file
+from stm_agent.models.preprocess import clip_preprocess
 
 
 def available_providers() -> list[str]:

@@ -30,8 +30,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from agent.errors import ModelError
-from models.metadata import ModelMetadata, sha256_file
+from stm_agent.agent.errors import ModelError
+from stm_agent.models.metadata import ModelMetadata, sha256_file
 
 OPSET = 18  # >= 17 (LayerNormalization); the torch dynamo exporter's native opset
 WEIGHTS_HELP = (
@@ -185,7 +185,7 @@ def _preprocess_cfg(model: Any) -> dict[str, Any]:
     cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     size = cfg.get("size", model.visual.image_size)
     size = size[0] if isinstance(size, (tuple, list)) else size
-    from models.preprocess import OPENAI_MEAN, OPENAI_STD
+    from stm_agent.models.preprocess import OPENAI_MEAN, OPENAI_STD
 
     return {
         "image_size": int(size),
@@ -209,7 +209,7 @@ def _torch_embed(model: Any, x: np.ndarray, batch: int = 32) -> np.ndarray:
 def _onnx_embed(path: Path, x: np.ndarray, precision: str = "fp32") -> np.ndarray:
     import onnxruntime as ort
 
-    from models.clip_onnx import session_options
+    from stm_agent.models.clip_onnx import session_options
 
     so = session_options(precision)
     sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
@@ -318,7 +318,7 @@ def export_clip(
         Weights unavailable, unknown architecture/tag, existing model without ``overwrite``, or
         the export/quantization failed.
     """
-    from models.preprocess import clip_preprocess
+    from stm_agent.models.preprocess import clip_preprocess
 
     out = Path(out_dir)
     if (out / "model.onnx").exists() and not overwrite:

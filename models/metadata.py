@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ModelError
+from stm_agent.agent.errors import ModelError
 
 METADATA_FILE = "model.json"
 SCHEMA = 1

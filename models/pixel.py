@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.normalise import circular_mask
-from models.base import l2_normalise
+from stm_agent.agent.normalise import circular_mask
+from stm_agent.models.base import l2_normalise
 
 
 class PixelEncoder:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from agent.config import EncoderConfig, NormaliseConfig
-from agent.errors import ConfigError
-from models.base import Encoder
+from stm_agent.agent.config import EncoderConfig, NormaliseConfig
+from stm_agent.agent.errors import ConfigError
+from stm_agent.models.base import Encoder
 
 
 def make_encoder(cfg: EncoderConfig, normalise: NormaliseConfig) -> Encoder:
@@ -19,18 +19,18 @@ def make_encoder(cfg: EncoderConfig, normalise: NormaliseConfig) -> Encoder:
         The CLIP model folder is missing/invalid or its ONNX file fails the sha256 check.
     """
     if cfg.name == "pixel":
-        from models.pixel import PixelEncoder
+        from stm_agent.models.pixel import PixelEncoder
 
         return PixelEncoder(size_px=normalise.size_px)
     if cfg.name == "zernike":
-        from models.zernike import ZernikeEncoder
+        from stm_agent.models.zernike import ZernikeEncoder
 
         return ZernikeEncoder(size_px=normalise.size_px)
     if cfg.name == "clip":
         if cfg.model_dir is None:
             raise ConfigError("encoder.model_dir: required for encoder.name 'clip' (a folder written by "
                               "`stm-agent models export`)")
-        from models.clip_onnx import ClipOnnxEncoder
+        from stm_agent.models.clip_onnx import ClipOnnxEncoder
 
         return ClipOnnxEncoder(cfg.model_dir, threads=cfg.threads, batch_size=cfg.batch_size)
     raise ConfigError(f"encoder.name: {cfg.name!r} is not a single encoder; allowed: pixel, clip, zernike "

@@ -21,7 +21,7 @@ from math import factorial, pi
 import cv2
 import numpy as np
 
-from models.base import l2_normalise
+from stm_agent.models.base import l2_normalise
 
 
 def zernike_indices(degree: int = 8) -> list[tuple[int, int]]:

@@ -31,8 +31,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 DATA = REPO / ".." / "shared" / "data"
 
@@ -40,7 +38,7 @@ _CHILD = r"""
 import resource, sys, time
 import numpy as np, cv2, onnxruntime
 from pathlib import Path
-from models.clip_onnx import ClipOnnxEncoder
+from stm_agent.models.clip_onnx import ClipOnnxEncoder
 files = sorted(p for p in Path(sys.argv[2]).rglob("*") if p.suffix.lower() in (".jpg", ".png"))
 g = [cv2.resize(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), (64, 64), interpolation=cv2.INTER_AREA) for f in files]
 crops = np.stack([g[i % len(g)] for i in range(int(sys.argv[3]))])
@@ -59,10 +57,10 @@ print(base / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, hw
 
 def build_library(folder: Path, n_species: int):
     """``n_species`` real objects of a real scan stored as one-reference species; returns the config."""
-    from adapters.references import ReferenceLibrary
-    from adapters.sxm import read_sxm
-    from agent.config import AgentConfig
-    from agent.pipeline import detect, reference_crop_at
+    from stm_agent.adapters.references import ReferenceLibrary
+    from stm_agent.adapters.sxm import read_sxm
+    from stm_agent.agent.config import AgentConfig
+    from stm_agent.agent.pipeline import detect, reference_crop_at
 
     scan = read_sxm(DATA / "sxm" / "cu111_tcne_steps_clusters_50nm_256_down.sxm")
     cfg = AgentConfig()
@@ -138,7 +136,7 @@ def main() -> None:
             print(f"fresh process, ONNX CLIP ViT-B-32 fp32 loaded ({t_load:.2f} s) and {a.rss_batch} crops "
                   f"embedded ({t_emb:.2f} s): peak RSS {peak:.0f} MB (VmHWM {hwm:.0f} MB; "
                   f"+{peak - peak0:.0f} MB for model + batch)")
-        from models.registry import make_encoder
+        from stm_agent.models.registry import make_encoder
 
         with tempfile.TemporaryDirectory() as tl:
             cfg, lib = build_library(Path(tl) / "refs", a.species)

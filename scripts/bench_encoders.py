@@ -54,16 +54,16 @@ def main() -> None:
     crops = _crops(a.n, a.size)
     rates: dict[str, float] = {}
     try:
-        from models.pixel import PixelEncoder
+        from stm_agent.models.pixel import PixelEncoder
         rates["pixel"] = _rate(PixelEncoder(a.size).embed, crops, 5)
     except ImportError:
         print("pixel: models/pixel.py not available")
-    from models.zernike import ZernikeEncoder
+    from stm_agent.models.zernike import ZernikeEncoder
     rates["zernike"] = _rate(ZernikeEncoder(a.size).embed, crops, 3)
     rss0 = _rss_mb()
-    from models.clip_onnx import ClipOnnxEncoder
-    from models.export import export_clip, build_model, _torch_embed
-    from models.preprocess import clip_preprocess
+    from stm_agent.models.clip_onnx import ClipOnnxEncoder
+    from stm_agent.models.export import export_clip, build_model, _torch_embed
+    from stm_agent.models.preprocess import clip_preprocess
     with tempfile.TemporaryDirectory() as td:
         rep = export_clip("ViT-B-32", None, td, fp16=True, int8=True, check_crops=crops[:8])
         print("export check:", {k: v for k, v in rep.to_json().items() if k not in ("model_dirs", "ids")})

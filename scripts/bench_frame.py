@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,16 +41,14 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from adapters.references import ReferenceLibrary  # noqa: E402
-from adapters.sxm import read_sxm  # noqa: E402
-from adapters.zmq_io import Publisher, Subscriber  # noqa: E402
-from agent.config import AgentConfig  # noqa: E402
-from agent.match import assign, species_scores  # noqa: E402
-from agent.normalise import normalise_crops  # noqa: E402
-from agent.pipeline import Recognizer, detect, reference_crop_at  # noqa: E402
+from stm_agent.adapters.references import ReferenceLibrary  # noqa: E402
+from stm_agent.adapters.sxm import read_sxm  # noqa: E402
+from stm_agent.adapters.zmq_io import Publisher, Subscriber  # noqa: E402
+from stm_agent.agent.config import AgentConfig  # noqa: E402
+from stm_agent.agent.match import assign, species_scores  # noqa: E402
+from stm_agent.agent.normalise import normalise_crops  # noqa: E402
+from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at  # noqa: E402
 
 DATA = REPO / ".." / "shared" / "data" / "sxm"
 PIXEL_NM = 0.1

@@ -25,20 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from agent.config import NormaliseConfig  # noqa: E402
-from agent.descriptors import describe_objects, fit_reference_scaler  # noqa: E402
-from agent.match import RefEmbeddings, species_scores  # noqa: E402
-from agent.normalise import crop_windows, make_poses, to_grey  # noqa: E402
+from stm_agent.agent.config import NormaliseConfig  # noqa: E402
+from stm_agent.agent.descriptors import describe_objects, fit_reference_scaler  # noqa: E402
+from stm_agent.agent.match import RefEmbeddings, species_scores  # noqa: E402
+from stm_agent.agent.normalise import crop_windows, make_poses, to_grey  # noqa: E402
 
 #: Window side / longer box side.
 CROP_FACTOR = 1.5
@@ -144,10 +141,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "labelled" / "wse2_defects")
     a = ap.parse_args()
     if a.encoder == "pixel":
-        from models.pixel import PixelEncoder
+        from stm_agent.models.pixel import PixelEncoder
         enc = PixelEncoder(64)
     else:
-        from models.zernike import ZernikeEncoder
+        from stm_agent.models.zernike import ZernikeEncoder
         enc = ZernikeEncoder(64)
     labels, names, grey, desc = load_wse2(a.data)
     res = evaluate(labels, names, grey, desc, enc, a.weights, a.n_refs, a.seeds)

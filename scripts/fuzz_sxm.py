@@ -23,10 +23,9 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from adapters.sxm import expected_size, read_sxm  # noqa: E402
-from agent.errors import ScanFormatError  # noqa: E402
+from stm_agent.adapters.sxm import expected_size, read_sxm  # noqa: E402
+from stm_agent.agent.errors import ScanFormatError  # noqa: E402
 
 _KEY = re.compile(rb"^:[^\n\t]*:\n", re.M)
 

@@ -29,15 +29,14 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from adapters.references import ReferenceLibrary  # noqa: E402
-from adapters.replay import ReplayFeed  # noqa: E402
-from adapters.scanfile import read_scan  # noqa: E402
-from adapters.store import ResultStore  # noqa: E402
-from adapters.zmq_io import Subscriber  # noqa: E402
-from agent.config import AgentConfig  # noqa: E402
-from agent.pipeline import detect, reference_crop_at  # noqa: E402
+from stm_agent.adapters.references import ReferenceLibrary  # noqa: E402
+from stm_agent.adapters.replay import ReplayFeed  # noqa: E402
+from stm_agent.adapters.scanfile import read_scan  # noqa: E402
+from stm_agent.adapters.store import ResultStore  # noqa: E402
+from stm_agent.adapters.zmq_io import Subscriber  # noqa: E402
+from stm_agent.agent.config import AgentConfig  # noqa: E402
+from stm_agent.agent.pipeline import detect, reference_crop_at  # noqa: E402
 
 SXM = REPO.parent / "shared" / "data" / "sxm"
 DEFAULT_FILES = ("au111_adsorbates_10nm_256_up.sxm", "cu111_tcne_molecules_4nm_256_up.sxm",

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import typer  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from agent.cli_evaluate import evaluate  # noqa: E402
+from stm_agent.agent.cli_evaluate import evaluate  # noqa: E402
 
 DATA = (REPO / ".." / "shared" / "data" / "labelled").resolve()
 OUT = REPO / "docs" / "results"
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         n = min(seeds, a.wse2_seeds) if folder == "wse2_defects" else seeds
         run(name, [str(DATA / folder), "--mode", mode, "--compare", entries, "--seeds", str(n), *extra])
     with tempfile.TemporaryDirectory() as tmp:
-        from models.export import TINY_TEST_CONFIG, export_clip
+        from stm_agent.models.export import TINY_TEST_CONFIG, export_clip
 
         mdir = Path(tmp) / "tiny-clip-random"
         export_clip("tiny-eval-random", None, mdir, model_cfg=TINY_TEST_CONFIG)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from adapters.arrayscan import (
+from stm_agent.adapters.arrayscan import (
     ArrayHeaderError,
     array_meta_from_scan,
     encode_array_message,
@@ -17,9 +17,9 @@ from adapters.arrayscan import (
     scan_from_array,
     validate_array_header,
 )
-from adapters.replay import make_unique_array, make_unique_sxm
-from adapters.sxm import read_sxm
-from agent.errors import EmptyScanError, ScanFormatError
+from stm_agent.adapters.replay import make_unique_array, make_unique_sxm
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.agent.errors import EmptyScanError, ScanFormatError
 
 REAL = ["cu111_tcne_molecules_4nm_256_up.sxm", "porphyrin_pair_128_down_nan51pct.sxm",
         "au111_molecule_chain_afm_96x192_up_angle59.sxm"]

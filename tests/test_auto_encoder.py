@@ -14,11 +14,11 @@ import math
 import numpy as np
 import pytest
 
-from adapters.references import ReferenceLibrary
-from adapters.sxm import read_sxm
-from agent.config import AgentConfig
-from agent.domain import OTHER
-from agent.pipeline import Recognizer, detect, reference_crop_at
+from stm_agent.adapters.references import ReferenceLibrary
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.agent.config import AgentConfig
+from stm_agent.agent.domain import OTHER
+from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at
 
 AU = "au111_adsorbates_10nm_256_up.sxm"
 TCNE = "cu111_tcne_molecules_4nm_256_up.sxm"

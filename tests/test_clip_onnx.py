@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.config import EncoderConfig, NormaliseConfig
-from agent.errors import ConfigError, ModelError
-from models.clip_onnx import ClipOnnxEncoder
-from models.preprocess import clip_preprocess, resample_matrix
-from models.registry import make_encoder, make_encoders
+from stm_agent.agent.config import EncoderConfig, NormaliseConfig
+from stm_agent.agent.errors import ConfigError, ModelError
+from stm_agent.models.clip_onnx import ClipOnnxEncoder
+from stm_agent.models.preprocess import clip_preprocess, resample_matrix
+from stm_agent.models.registry import make_encoder, make_encoders
 
 
 def _crop_files(labelled_dir: Path) -> list[Path]:
@@ -30,7 +30,7 @@ def grey_crops(labelled_dir) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, grey_crops) -> Path:
-    from models.export import TINY_TEST_CONFIG, export_clip
+    from stm_agent.models.export import TINY_TEST_CONFIG, export_clip
 
     out = tmp_path_factory.mktemp("tiny")
     export_clip("tiny-test-runtime", None, out, check_crops=grey_crops[:8], model_cfg=TINY_TEST_CONFIG)

@@ -14,14 +14,14 @@ import typer
 import zmq
 from typer.testing import CliRunner
 
-from adapters.arrayscan import array_meta_from_scan, encode_array_message, encode_saved_message, encode_sxm_message, scan_from_array
-from adapters.controller import ControllerSource
-from adapters.folder import sha256_file
-from adapters.replay import ReplayFeed
-from adapters.sxm import read_sxm
-from agent.cli_feed import replay
-from agent.config import ControllerConfig
-from agent.errors import ConfigError
+from stm_agent.adapters.arrayscan import array_meta_from_scan, encode_array_message, encode_saved_message, encode_sxm_message, scan_from_array
+from stm_agent.adapters.controller import ControllerSource
+from stm_agent.adapters.folder import sha256_file
+from stm_agent.adapters.replay import ReplayFeed
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.agent.cli_feed import replay
+from stm_agent.agent.config import ControllerConfig
+from stm_agent.agent.errors import ConfigError
 
 SMALL = ["porphyrin_dimer_96_up_7ch.sxm", "hbn_point_defect_96x100_down.sxm", "moire_10nm_160_down.sxm"]
 

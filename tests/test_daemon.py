@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from adapters.references import ReferenceLibrary
-from adapters.scanfile import read_scan
-from adapters.store import ResultStore
-from adapters.zmq_io import Subscriber
-from agent.config import AgentConfig
-from agent.daemon import Agent
-from agent.pipeline import Recognizer, detect, reference_crop_at
+from stm_agent.adapters.references import ReferenceLibrary
+from stm_agent.adapters.scanfile import read_scan
+from stm_agent.adapters.store import ResultStore
+from stm_agent.adapters.zmq_io import Subscriber
+from stm_agent.agent.config import AgentConfig
+from stm_agent.agent.daemon import Agent
+from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at
 
 REF_SCAN = "au111_adsorbates_10nm_256_up.sxm"
 OTHER = "cu111_tcne_molecules_6nm_256_up.sxm"

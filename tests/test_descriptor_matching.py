@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from adapters.references import ReferenceLibrary
-from adapters.sxm import read_sxm
-from agent import descriptors as D
-from agent.config import AgentConfig
-from agent.match import assign, species_scores
-from agent.normalise import normalise_crops
-from agent.pipeline import Recognizer, detect, reference_crop_at
-from models.pixel import PixelEncoder
+from stm_agent.adapters.references import ReferenceLibrary
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.agent import descriptors as D
+from stm_agent.agent.config import AgentConfig
+from stm_agent.agent.match import assign, species_scores
+from stm_agent.agent.normalise import normalise_crops
+from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at
+from stm_agent.models.pixel import PixelEncoder
 from tests.test_references import CountingEncoder
 
 

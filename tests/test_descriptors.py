@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from agent.descriptors import RobustScaler, combine, describe_objects
+from stm_agent.agent.descriptors import RobustScaler, combine, describe_objects
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from adapters.arrival import Arrival
-from adapters.store import ResultStore
-from adapters.zmq_io import Subscriber
-from agent.config import AgentConfig
-from agent.daemon import MAX_ATTEMPTS, Agent
+from stm_agent.adapters.arrival import Arrival
+from stm_agent.adapters.store import ResultStore
+from stm_agent.adapters.zmq_io import Subscriber
+from stm_agent.agent.config import AgentConfig
+from stm_agent.agent.daemon import MAX_ATTEMPTS, Agent
 
 from tests.test_daemon import OTHER, REF_SCAN, SMALL, Running, make_cfg, refs, sha  # noqa: F401 - fixture
 

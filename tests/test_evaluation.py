@@ -9,9 +9,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from adapters.labelled import load_labelled
-from agent.config import load_config
-from agent.evaluation import (EvalSettings, Evaluator, confusion_matrix, evaluate, flatness, metrics, predict,
+from stm_agent.adapters.labelled import load_labelled
+from stm_agent.agent.config import load_config
+from stm_agent.agent.evaluation import (EvalSettings, Evaluator, confusion_matrix, evaluate, flatness, metrics, predict,
                               sweep)
 
 
@@ -123,7 +123,7 @@ def test_unimr_as_released_differs_as_documented(labelled_dir):
 
 
 def test_cli_outputs(labelled_dir, tmp_path):
-    from agent.cli_evaluate import evaluate as cmd
+    from stm_agent.agent.cli_evaluate import evaluate as cmd
 
     app = typer.Typer()
     app.command()(cmd)
@@ -164,9 +164,9 @@ def test_explicit_reference_library_matches_drawn_reference(sparse_rec, tmp_path
     """A `stm-agent refs` library given with --references is used as the references: a library made
     from the object of annotation 5 scores the set like drawing annotation 5 (same species order,
     the library's crop stands in for the drawn one), and that box is not scored as a query."""
-    from adapters.labelled import image_scan
-    from adapters.references import ReferenceLibrary
-    from agent.pipeline import reference_crop_at
+    from stm_agent.adapters.labelled import image_scan
+    from stm_agent.adapters.references import ReferenceLibrary
+    from stm_agent.agent.pipeline import reference_crop_at
 
     lset, cfg = sparse_rec.lset, load_config()
     im = next(im for im in lset.images if 5 in list(im.ann_ids))

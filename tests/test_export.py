@@ -11,11 +11,11 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli_models import models_app
-from agent.errors import ModelError
-from models.clip_onnx import ClipOnnxEncoder
-from models.export import TINY_TEST_CONFIG, export_clip
-from models.metadata import sha256_file
+from stm_agent.agent.cli_models import models_app
+from stm_agent.agent.errors import ModelError
+from stm_agent.models.clip_onnx import ClipOnnxEncoder
+from stm_agent.models.export import TINY_TEST_CONFIG, export_clip
+from stm_agent.models.metadata import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_local_checkpoint_path(tmp_path):
     """A local checkpoint file works offline and its sha256 is recorded."""
     import torch
 
-    from models.export import build_model
+    from stm_agent.models.export import build_model
 
     model, _, _ = build_model("tiny-test-ckpt", None, model_cfg=TINY_TEST_CONFIG)
     ckpt = tmp_path / "tiny.pt"
@@ -84,7 +84,7 @@ def test_local_checkpoint_path(tmp_path):
 
 
 def test_cli_export(tmp_path, labelled_dir):
-    from models.export import _register_config
+    from stm_agent.models.export import _register_config
 
     _register_config("tiny-test-cli", TINY_TEST_CONFIG)
     r = CliRunner().invoke(models_app, ["export", "--arch", "tiny-test-cli", "--pretrained", "none",

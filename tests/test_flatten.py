@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.sxm import read_sxm
-from agent.flatten import flatten, plane_fit
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.agent.flatten import flatten, plane_fit
 
 
 def test_sloped_scan_plane_and_rows_removed(sxm_dir):

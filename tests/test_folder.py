@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.folder import Arrival, FolderSource
-from agent.config import AcquisitionConfig
+from stm_agent.adapters.folder import Arrival, FolderSource
+from stm_agent.agent.config import AcquisitionConfig
 
 GOOD = "au111_adsorbates_10nm_256_up.sxm"
 SMALL = "porphyrin_dimer_96_up_7ch.sxm"

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from adapters.images import read_image
-from adapters.scanfile import read_scan
-from adapters.sxm import read_sxm
-from agent.errors import ImageFormatError, ScanFormatError
+from stm_agent.adapters.images import read_image
+from stm_agent.adapters.scanfile import read_scan
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.agent.errors import ImageFormatError, ScanFormatError
 
 
 def _coco_images(labelled_dir: Path, folder: str) -> list[tuple[Path, int, int]]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.labelled import load_coco, load_labelled, load_labelme, load_voc, match_boxes
-from agent.errors import ImageFormatError
+from stm_agent.adapters.labelled import load_coco, load_labelled, load_labelme, load_voc, match_boxes
+from stm_agent.agent.errors import ImageFormatError
 
 
 def _write_labelme(images, folder: Path) -> None:

@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
-from adapters.metrics import LATENCY_BUCKETS_S, AgentMetrics, NullMetrics, build_metrics
-from agent.config import MetricsConfig
+from stm_agent.adapters.metrics import LATENCY_BUCKETS_S, AgentMetrics, NullMetrics, build_metrics
+from stm_agent.agent.config import MetricsConfig
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from adapters.folder import sha256_file
-from adapters.nanonis_tcp import NanonisClient, NanonisError, NanonisSource, pack_header, parse_wait_reply
-from agent.config import NanonisConfig
+from stm_agent.adapters.folder import sha256_file
+from stm_agent.adapters.nanonis_tcp import NanonisClient, NanonisError, NanonisSource, pack_header, parse_wait_reply
+from stm_agent.agent.config import NanonisConfig
 from tests.fake_nanonis import FakeNanonis, wait_reply_body
 
 SCAN = "porphyrin_dimer_96_up_7ch.sxm"
@@ -68,7 +68,7 @@ def test_source_submits_scans_ignores_timeouts_counts_errors_and_reconnects(sxm_
     shutil.copy(sxm_dir / SCAN, a)
     shutil.copy(sxm_dir / OTHER, b)
     got: queue.Queue = queue.Queue()
-    caplog.set_level(logging.INFO, logger="adapters.nanonis_tcp")
+    caplog.set_level(logging.INFO, logger="stm_agent.adapters.nanonis_tcp")
     with FakeNanonis(chunk=7) as fake:
         src = _source(fake.port, got)
         src.start()
@@ -102,7 +102,7 @@ def test_unreachable_logs_once_then_connects_when_nanonis_starts(sxm_dir, tmp_pa
     port = s.getsockname()[1]
     s.close()  # nothing listens on this port now
     got: queue.Queue = queue.Queue()
-    caplog.set_level(logging.INFO, logger="adapters.nanonis_tcp")
+    caplog.set_level(logging.INFO, logger="stm_agent.adapters.nanonis_tcp")
     src = _source(port, got)
     src.start()
     try:

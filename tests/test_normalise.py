@@ -6,12 +6,12 @@ import cv2
 import numpy as np
 import pytest
 
-from adapters.sxm import read_sxm
-from agent.config import NormaliseConfig, SegmentConfig
-from agent.flatten import flatten
-from agent.normalise import circular_mask, crop_windows, frame_range, make_poses, normalise_crops, to_grey
-from agent.segment import segment
-from models.pixel import PixelEncoder
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.agent.config import NormaliseConfig, SegmentConfig
+from stm_agent.agent.flatten import flatten
+from stm_agent.agent.normalise import circular_mask, crop_windows, frame_range, make_poses, normalise_crops, to_grey
+from stm_agent.agent.segment import segment
+from stm_agent.models.pixel import PixelEncoder
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import zmq
 
-from adapters.query import QueryServer, query, store_handler
-from adapters.schemas import validate
-from adapters.store import ResultStore
-from agent.errors import PublishError
+from stm_agent.adapters.query import QueryServer, query, store_handler
+from stm_agent.adapters.schemas import validate
+from stm_agent.adapters.store import ResultStore
+from stm_agent.agent.errors import PublishError
 from tests.test_schemas import BAD, REF_SCAN, SMALL, run_real_agent, sha
 
 STATUS = {"uptime_s": 1.5, "frames_done": 2, "errors": 1, "queue_depth": 0, "last_frame_id": None,

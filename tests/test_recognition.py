@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.labelled import load_labelled
-from adapters.references import ReferenceLibrary
-from adapters.sxm import read_sxm
-from agent.config import AgentConfig, load_config
-from agent.domain import OTHER
-from agent.errors import ReferenceLibraryError
-from agent.evaluation import EvalSettings, Evaluator, flatness, metrics, sweep
-from agent.pipeline import Recognizer, detect, reference_crop_at
+from stm_agent.adapters.labelled import load_labelled
+from stm_agent.adapters.references import ReferenceLibrary
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.agent.config import AgentConfig, load_config
+from stm_agent.agent.domain import OTHER
+from stm_agent.agent.errors import ReferenceLibraryError
+from stm_agent.agent.evaluation import EvalSettings, Evaluator, flatness, metrics, sweep
+from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at
 
 
 def test_recognise_nanonis_scan(tmp_path, sxm_dir):

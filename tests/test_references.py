@@ -8,12 +8,12 @@ import cv2
 import numpy as np
 import pytest
 
-from adapters.references import ReferenceLibrary
-from adapters.sxm import read_sxm
-from agent.config import AgentConfig, NormaliseConfig
-from agent.errors import NoObjectError, ReferenceLibraryError
-from agent.pipeline import detect, reference_crop_at
-from models.pixel import PixelEncoder
+from stm_agent.adapters.references import ReferenceLibrary
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.agent.config import AgentConfig, NormaliseConfig
+from stm_agent.agent.errors import NoObjectError, ReferenceLibraryError
+from stm_agent.agent.pipeline import detect, reference_crop_at
+from stm_agent.models.pixel import PixelEncoder
 
 
 class CountingEncoder(PixelEncoder):

@@ -14,11 +14,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from adapters.export import ExportError, export_results, read_rows
-from adapters.query import QueryServer
-from adapters.store import ResultStore
-from agent.cli_service import results_app, status
-from agent.errors import StoreError
+from stm_agent.adapters.export import ExportError, export_results, read_rows
+from stm_agent.adapters.query import QueryServer
+from stm_agent.adapters.store import ResultStore
+from stm_agent.agent.cli_service import results_app, status
+from stm_agent.agent.errors import StoreError
 from tests.test_schemas import BAD, REF_SCAN, SMALL, run_real_agent, sha
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}

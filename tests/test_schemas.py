@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from adapters.references import ReferenceLibrary
-from adapters.scanfile import read_scan
-from adapters.schemas import SCHEMA_DIR, TOPICS, MessageSchemaError, schema_for, validate
-from adapters.zmq_io import Subscriber
-from agent.config import AgentConfig
-from agent.daemon import Agent
-from agent.pipeline import detect, reference_crop_at
+from stm_agent.adapters.references import ReferenceLibrary
+from stm_agent.adapters.scanfile import read_scan
+from stm_agent.adapters.schemas import SCHEMA_DIR, TOPICS, MessageSchemaError, schema_for, validate
+from stm_agent.adapters.zmq_io import Subscriber
+from stm_agent.agent.config import AgentConfig
+from stm_agent.agent.daemon import Agent
+from stm_agent.agent.pipeline import detect, reference_crop_at
 
 REF_SCAN = "au111_adsorbates_10nm_256_up.sxm"
 SMALL = "porphyrin_dimer_96_up_7ch.sxm"

@@ -6,12 +6,12 @@ import cv2
 import numpy as np
 import pytest
 
-from adapters.labelled import box_iou, image_scan, load_coco, match_boxes
-from adapters.sxm import read_sxm
-from agent.config import AgentConfig, SegmentConfig
-from agent.flatten import flatten
-from agent.pipeline import detect
-from agent.segment import MIN_SPECK_PX, auto_area_window, segment, signed_mask, threshold_mask
+from stm_agent.adapters.labelled import box_iou, image_scan, load_coco, match_boxes
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.agent.config import AgentConfig, SegmentConfig
+from stm_agent.agent.flatten import flatten
+from stm_agent.agent.pipeline import detect
+from stm_agent.agent.segment import MIN_SPECK_PX, auto_area_window, segment, signed_mask, threshold_mask
 
 
 @pytest.fixture(scope="module")

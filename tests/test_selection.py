@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from sklearn.mixture import GaussianMixture
 
-from agent.config import NormaliseConfig
-from agent.normalise import make_poses, to_grey
-from agent.selection import max_similarity, peak_separation, select_encoder, select_from_encoders
-from models.pixel import PixelEncoder
-from models.zernike import ZernikeEncoder
+from stm_agent.agent.config import NormaliseConfig
+from stm_agent.agent.normalise import make_poses, to_grey
+from stm_agent.agent.selection import max_similarity, peak_separation, select_encoder, select_from_encoders
+from stm_agent.models.pixel import PixelEncoder
+from stm_agent.models.zernike import ZernikeEncoder
 
 CFG = NormaliseConfig(size_px=64)
 

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from adapters.query import query
-from adapters.replay import ReplayFeed
-from adapters.schemas import validate
-from adapters.store import ResultStore
-from agent.daemon import Agent
+from stm_agent.adapters.query import query
+from stm_agent.adapters.replay import ReplayFeed
+from stm_agent.adapters.schemas import validate
+from stm_agent.adapters.store import ResultStore
+from stm_agent.agent.daemon import Agent
 
 from tests.fake_nanonis import FakeNanonis
 from tests.test_daemon import OTHER, REF_SCAN, SMALL, Running, make_cfg, refs, sha  # noqa: F401 - fixture

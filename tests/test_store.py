@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from adapters.references import ReferenceLibrary
-from adapters.scanfile import read_scan
-from adapters.store import ResultStore
-from agent.config import AgentConfig
-from agent.errors import StoreError
-from agent.pipeline import Recognizer, detect, reference_crop_at
+from stm_agent.adapters.references import ReferenceLibrary
+from stm_agent.adapters.scanfile import read_scan
+from stm_agent.adapters.store import ResultStore
+from stm_agent.agent.config import AgentConfig
+from stm_agent.agent.errors import StoreError
+from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at
 
 SCAN = "au111_adsorbates_10nm_256_up.sxm"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.sxm import expected_file_size, expected_size, read_sxm
-from agent.errors import EmptyScanError
+from stm_agent.adapters.sxm import expected_file_size, expected_size, read_sxm
+from stm_agent.agent.errors import EmptyScanError
 
 SXM = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sxm").resolve()
 GOOD = sorted(p.name for p in SXM.glob("*.sxm")) or ["<no .sxm files in ../shared/data/sxm>"]

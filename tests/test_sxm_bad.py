@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.sxm import expected_file_size, expected_size, read_sxm
-from agent.errors import EmptyScanError, ScanFormatError
+from stm_agent.adapters.sxm import expected_file_size, expected_size, read_sxm
+from stm_agent.agent.errors import EmptyScanError, ScanFormatError
 
 BAD = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sxm" / "bad").resolve()
 BAD_FILES = sorted(p.name for p in BAD.glob("*")) or ["<no files in ../shared/data/sxm/bad>"]

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.sxm import expected_size, read_sxm
-from agent.domain import Scan
-from agent.errors import ScanFormatError
+from stm_agent.adapters.sxm import expected_size, read_sxm
+from stm_agent.agent.domain import Scan
+from stm_agent.agent.errors import ScanFormatError
 
 FILES = ["porphyrin_dimer_96_up_7ch.sxm", "createc_converted_256x9_down.sxm", "hbn_point_defect_96x100_down.sxm"]
 _KEY = re.compile(rb"^:[^\n\t]*:\n", re.M)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.labelled import image_scan, load_labelled
-from adapters.references import ReferenceLibrary
-from agent.config import AgentConfig
-from agent.evaluation import EvalSettings, Evaluator, adaptive_thresholds, evaluate_entry, metrics, predict
-from agent.match import assign, gmm_threshold, posterior_crossing, species_scores
-from agent.pipeline import Recognizer, detect, reference_crop_at
+from stm_agent.adapters.labelled import image_scan, load_labelled
+from stm_agent.adapters.references import ReferenceLibrary
+from stm_agent.agent.config import AgentConfig
+from stm_agent.agent.evaluation import EvalSettings, Evaluator, adaptive_thresholds, evaluate_entry, metrics, predict
+from stm_agent.agent.match import assign, gmm_threshold, posterior_crossing, species_scores
+from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at
 
 
 

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from models.zernike import ZernikeEncoder, median_bbox_diagonal, zernike_indices, zernike_moments
+from stm_agent.models.zernike import ZernikeEncoder, median_bbox_diagonal, zernike_indices, zernike_moments
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import zmq
 
-from adapters.sxm import read_sxm
-from adapters.zmq_io import SCHEMA, Publisher, Subscriber, encode
-from agent.errors import PublishError
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.adapters.zmq_io import SCHEMA, Publisher, Subscriber, encode
+from stm_agent.agent.errors import PublishError
 
 
 def _join(pub: Publisher, sub: Subscriber, timeout_s: float = 5.0) -> None:
