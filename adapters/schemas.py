@@ -1,6 +1,6 @@
 """JSON Schemas (draft 2020-12) of the messages the agent publishes and of its query replies.
 
-One file per topic in ``adapters/schemas/``: ``<topic>.schema.json`` for ``frame.counts``,
+One file per topic in ``adapters/schemas/``: ``<topic>.schema.json`` for ``frame.counts``, ``trigger.fired``,
 ``frame.detections``, ``agent.status``, ``agent.heartbeat`` and ``query.reply`` (the reply of the
 query endpoint, see :mod:`adapters.query`). The schemas are the contract documented in
 ``docs/messages.md``; version ``schema: 1`` (:data:`adapters.zmq_io.SCHEMA`).
@@ -26,7 +26,7 @@ __all__ = ["SCHEMA_DIR", "TOPICS", "MessageSchemaError", "schema_for", "validate
 log = logging.getLogger(__name__)
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
-TOPICS = ("frame.counts", "frame.detections", "agent.status", "agent.heartbeat", "query.reply")
+TOPICS = ("frame.counts", "frame.detections", "agent.status", "agent.heartbeat", "trigger.fired", "query.reply")
 
 
 class MessageSchemaError(StmAgentError, ValueError):

@@ -39,6 +39,12 @@ Table ``inbox`` (frames waiting; oldest first by ``id``)::
     ('file' | 'sxm' | 'array'), path TEXT (the file, or the spooled payload), meta TEXT (JSON),
     received_at TEXT, error TEXT, catch_up INTEGER, attempts INTEGER (times a worker took it)
 
+Table ``trigger_firings`` (one row per firing of a trigger rule, :mod:`agent.triggers`)::
+
+    id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT, frame_id TEXT, fired_at TEXT (ISO 8601 UTC),
+    observed REAL (the metric), event TEXT (JSON trigger.fired body), results TEXT (JSON list, one
+    entry per action: null until it has run, then its result: exit status, what was sent ...)
+
 Table ``meta`` (key TEXT PRIMARY KEY, value TEXT): ``seq_reserved``, the highest message sequence
 number reserved by a publisher (see :meth:`ResultStore.reserve_seq`).
 """
@@ -91,6 +97,18 @@ CREATE TABLE IF NOT EXISTS inbox (
     attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+_TRIGGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS trigger_firings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rule TEXT NOT NULL,
+    frame_id TEXT,
+    fired_at TEXT NOT NULL,
+    observed REAL,
+    event TEXT NOT NULL,
+    results TEXT NOT NULL DEFAULT '[]'
+);
 """
 
 # Columns added in schema 2 (ALTER TABLE for stores written by schema 1).
@@ -152,6 +170,7 @@ class ResultStore:
                 raise StoreError(path, f"cannot enable write-ahead logging (journal_mode is {mode})")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._db.executescript(_TRIGGER_SCHEMA)
             have = {r[1] for r in self._db.execute("PRAGMA table_info(frames)")}
             for col, typ in _ADDED_COLUMNS.items():
                 if col not in have:
@@ -449,6 +468,55 @@ class ResultStore:
             if status is None:
                 return int(self._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0])
             return int(self._db.execute("SELECT COUNT(*) FROM frames WHERE status = ?", (status,)).fetchone()[0])
+
+    # ------------------------------------------------------------------ trigger firings
+    def record_firing(self, event: dict[str, Any]) -> int:
+        """Record one firing of a trigger rule (``event``: the ``trigger.fired`` body); returns its id.
+
+        ``results`` starts as one ``null`` per action of the event; :meth:`set_action_result` fills them.
+
+        Raises
+        ------
+        StoreError
+            The database cannot be written.
+        """
+        n = len(event.get("actions") or [])
+        cur = self._exec(
+            "INSERT INTO trigger_firings (rule, frame_id, fired_at, observed, event, results) VALUES (?, ?, ?, ?, ?, ?)",
+            (event["rule"], event.get("frame_id"), event.get("fired_at") or _iso(datetime.now(timezone.utc)),
+             _finite(event.get("observed")), _dumps(event), _dumps([None] * n)))
+        return int(cur.lastrowid)
+
+    def set_action_result(self, firing_id: int, index: int, result: dict[str, Any]) -> None:
+        """Store the result of action ``index`` of firing ``firing_id`` (exit status, what was sent ...).
+
+        Raises
+        ------
+        StoreError
+            The database cannot be written.
+        """
+        with self._lock:
+            r = self._db.execute("SELECT results FROM trigger_firings WHERE id = ?", (firing_id,)).fetchone()
+            if r is None:
+                return
+            results = json.loads(r[0] or "[]")
+            results.extend([None] * (index + 1 - len(results)))
+            results[index] = result
+            self._exec("UPDATE trigger_firings SET results = ? WHERE id = ?", (_dumps(results), firing_id))
+
+    def firings(self, limit: int = 100, since: str | None = None) -> list[dict[str, Any]]:
+        """Trigger firings, newest first: ``id``, ``rule``, ``frame_id``, ``fired_at``, ``observed``,
+        ``event`` and ``results`` (JSON decoded); only those fired at or after ``since`` (ISO 8601)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM trigger_firings WHERE fired_at >= ? ORDER BY id DESC LIMIT ?",
+                (since or "", int(limit))).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["event"], d["results"] = json.loads(d["event"]), json.loads(d["results"])
+            out.append(d)
+        return out
 
     def journal_mode(self) -> str:
         """The SQLite journal mode in use (``"wal"`` for a file store)."""

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stm_agent.agent.errors import ConfigError
+from stm_agent.agent.triggers import TriggerRule, check_unique_names, rule_label
 
 
 class _Strict(BaseModel):
@@ -147,6 +148,24 @@ class MatchConfig(_Strict):
     threshold_mode: Literal["fixed", "gmm"] = "fixed"
 
 
+class DashboardConfig(_Strict):
+    """The live dashboard in the browser (``pip install "stm-agent[dashboard]"``)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    token: str | None = None
+    keep_images: int = Field(500, ge=0)
+    history_frames: int = Field(2000, ge=1)
+
+
+class BlueskyConfig(_Strict):
+    """Bluesky event-model documents of the session (``pip install "stm-agent[bluesky]"``)."""
+
+    enabled: bool = False
+    folder: Path | None = None
+
+
 class AgentConfig(_Strict):
     """The whole configuration of one agent."""
 
@@ -165,6 +184,14 @@ class AgentConfig(_Strict):
     normalise: NormaliseConfig = NormaliseConfig()
     encoder: EncoderConfig = EncoderConfig()
     match: MatchConfig = MatchConfig()
+    triggers: list[TriggerRule] = []
+    dashboard: DashboardConfig = DashboardConfig()
+    bluesky: BlueskyConfig = BlueskyConfig()
+
+    @field_validator("triggers")
+    @classmethod
+    def _unique_rules(cls, v: list[TriggerRule]) -> list[TriggerRule]:
+        return check_unique_names(v)
 
     def digest(self) -> str:
         """sha256 (first 16 hex) of the effective configuration, for provenance."""
@@ -177,10 +204,10 @@ def default_yaml_text() -> str:
     return resources.files("stm_agent.config").joinpath("default.yaml").read_text(encoding="utf-8")
 
 
-def _format_errors(err: ValidationError, origin: str) -> str:
+def _format_errors(err: ValidationError, origin: str, data: dict | None = None) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = rule_label(data or {}, tuple(e["loc"]))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -215,7 +242,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, origin)) from None
+        raise ConfigError(_format_errors(e, origin, data)) from None
 
 
 def _deep_update(base: dict, new: dict) -> dict:

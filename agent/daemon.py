@@ -135,6 +135,7 @@ class Agent:
         self.config_digest = cfg.digest()
         self.store = ResultStore(cfg.results.store)
         self.publisher: Publisher | None = None
+        own_recognizer = recognizer is None
         self._seq_lock = threading.Lock()
         self._seq_next, self._seq_high = 1, 0
         try:
@@ -162,6 +163,10 @@ class Agent:
         self.last_frame_id: str | None = None
         self.last_frame_at: str | None = None
         self._t_start = time.monotonic()
+        from stm_agent.agent.hooks import AgentHooks
+
+        #: triggers, display images, library reload, dashboard, Bluesky (agent/hooks.py)
+        self.hooks = AgentHooks(self, own_recognizer)
 
     # ------------------------------------------------------------------ public
     @property
@@ -265,6 +270,7 @@ class Agent:
                 if hb > 0 and time.monotonic() >= next_hb:
                     self._heartbeat()
                     next_hb = time.monotonic() + hb
+                self.hooks.poll()
                 try:
                     done = self.process_next()
                 except StmAgentError as exc:  # the store itself failed (disk full ...): wait, retry
@@ -327,6 +333,7 @@ class Agent:
         result.frame_id = row["frame_id"]
         result.timings_ms = {"read": t_read, **result.timings_ms}
         files = self._write_files(result, row)
+        self.hooks.before_publish(result)
         msg = {
             **self._header(row, result.scan, result.processed_at),
             "counts": dict(result.counts),
@@ -347,6 +354,7 @@ class Agent:
         self._after_record(row)
         detections = [d.to_json() for d in result.detections]
         sent = self._publish_frame(msg, detections)
+        self.hooks.after_publish(msg, result)
         self.frames_done += 1
         self._frame_metrics("ok", msg["latency_ms"])
         log.info("%s: %s (%d objects, %.0f ms after arrival)", msg["name"],
@@ -594,6 +602,7 @@ class Agent:
             m = self.cfg.metrics
             self.metrics = AgentMetrics(enabled=True, host=m.host, port=m.port)
             self.metrics.start()
+        self.hooks.start()
 
     def _shutdown(self) -> None:
         log.info("stm-agent %s stopping (%d frames, %d errors)", self.cfg.agent_id, self.frames_done, self.errors)
@@ -605,6 +614,7 @@ class Agent:
         self._publish("agent.status", {"state": "stopping", "config_digest": self.config_digest,
                                        "frames_done": self.frames_done, "errors": self.errors,
                                        "at": _now().isoformat()})
+        self.hooks.close()
         for svc in (self.query_server, self.metrics):
             if svc is not None:
                 try:

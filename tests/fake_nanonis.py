@@ -3,7 +3,10 @@
 Speaks the 40-byte header protocol and answers ``Scan.WaitEndOfScan`` from a queue the test
 feeds: :meth:`FakeNanonis.push_path`, :meth:`push_timeout`, :meth:`push_error`, :meth:`push_drop`
 (close the connection instead of replying). With nothing queued it waits the requested timeout
-(capped at ``max_wait_s``) and replies "timed out". Every reply is sent ``chunk`` bytes at a time
+(capped at ``max_wait_s``) and replies "timed out". The trigger actions ``Scan.Action`` and
+``ZCtrl.Withdraw`` are answered with "no error" and recorded in :attr:`FakeNanonis.actions`
+(command, raw request body); every connection gets its own thread, so an action arrives while
+another client is blocked in ``Scan.WaitEndOfScan``. Every reply is sent ``chunk`` bytes at a time
 with ``chunk_delay_s`` pauses (TCP_NODELAY), so a client that assumes one ``recv`` per reply fails.
 """
 
@@ -44,6 +47,7 @@ class FakeNanonis:
         self.chunk, self.chunk_delay_s, self.max_wait_s = chunk, chunk_delay_s, max_wait_s
         self.items: queue.Queue = queue.Queue()
         self.requests: list[tuple[str, int]] = []  # (command, timeout ms)
+        self.actions: list[tuple[str, bytes]] = []  # (command, request body) of Scan.Action, ZCtrl.Withdraw
         self.connections = 0
         self.replies_sent = 0
         self._stop = threading.Event()
@@ -93,12 +97,15 @@ class FakeNanonis:
             self.connections += 1
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(None)
-            try:
-                self._session(conn)
-            except OSError:  # the client went away mid-reply
-                pass
-            finally:
-                conn.close()
+            threading.Thread(target=self._handle, args=(conn,), daemon=True, name="fake-nanonis-conn").start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            self._session(conn)
+        except OSError:  # the client went away mid-reply
+            pass
+        finally:
+            conn.close()
 
     def _send_chunked(self, conn: socket.socket, data: bytes) -> None:
         for i in range(0, len(data), self.chunk):
@@ -117,7 +124,10 @@ class FakeNanonis:
             command = name.rstrip(b"\0").decode("ascii")
             timeout_ms = struct.unpack(">i", body[:4])[0] if len(body) >= 4 else -1
             self.requests.append((command, timeout_ms))
-            if command != "Scan.WaitEndOfScan":
+            if command in ("Scan.Action", "ZCtrl.Withdraw"):
+                self.actions.append((command, body))
+                reply = struct.pack(">Ii", 0, 0)  # error section: no error
+            elif command != "Scan.WaitEndOfScan":
                 reply = struct.pack(">Ii", 1, 15) + b"unknown command"
             else:
                 wait = self.max_wait_s if timeout_ms < 0 else min(timeout_ms / 1000, self.max_wait_s)

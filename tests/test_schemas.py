@@ -273,7 +273,7 @@ def test_query_reply_schema(valid, use_js):
 def test_schemas_match_the_docs():
     """docs/messages.md documents every field of every topic."""
     doc = (Path(__file__).resolve().parents[1] / "docs" / "messages.md").read_text(encoding="utf-8")
-    for t in ("frame.counts", "frame.detections", "agent.status", "agent.heartbeat"):
+    for t in ("frame.counts", "frame.detections", "agent.status", "agent.heartbeat", "trigger.fired"):
         s = schema_for(t)
         props = s.get("properties") or s["$defs"][next(iter(s["$defs"]))]["properties"]
         missing = [k for k in props if f"`{k}`" not in doc]

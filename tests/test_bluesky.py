@@ -1,0 +1,95 @@
+"""Bluesky: the real agent on real scans emits start / descriptor / event per frame / stop, each
+valid against event-model's JSON schemas, with the counts it published."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+from event_model import DocumentNames, schema_validators
+
+from stm_agent.adapters.bluesky import BlueskyRecorder, data_key
+from stm_agent.adapters.zmq_io import Subscriber
+from stm_agent.agent.config import load_config
+from stm_agent.agent.daemon import Agent
+
+SCANS = ["cu111_tcne_molecules_6nm_256_up.sxm", "graphene_tcne_monolayer_4nm_256_down.sxm"]
+BROKEN = "bad"  # folder of broken files: their frames are errors, not events
+
+
+def validate_doc(name: str, doc: dict) -> None:
+    schema_validators[DocumentNames[name]].validate(doc)
+
+
+def test_agent_session_as_valid_event_model_documents(sxm_dir, tmp_path):
+    cfg = load_config(overrides={
+        "references": {"folder": str(tmp_path / "refs")},
+        "acquisition": {"folder": str(tmp_path / "acq"), "settle_s": 0.3},
+        "results": {"store": str(tmp_path / "results.sqlite")},
+        "publish": {"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0.2, "query_endpoint": None},
+        "bluesky": {"enabled": True, "folder": str(tmp_path / "bluesky")},
+    })
+    agent = Agent(cfg)
+    sub = Subscriber(agent.endpoint, ["frame.counts", "agent.heartbeat"])
+    th = threading.Thread(target=agent.run, daemon=True)
+    th.start()
+    published = []
+    try:
+        end = time.monotonic() + 10
+        while (got := sub.recv(timeout_ms=100)) is None or got[0] != "agent.heartbeat":
+            assert time.monotonic() < end
+        bad = sorted((sxm_dir / BROKEN).glob("*.sxm"))[0]
+        for src in [sxm_dir / SCANS[0], bad, sxm_dir / SCANS[1]]:
+            shutil.copy(src, tmp_path / "acq" / src.name)
+            end = time.monotonic() + 30
+            while True:
+                assert time.monotonic() < end, f"no frame.counts for {src.name}"
+                got = sub.recv(timeout_ms=100)
+                if got and got[0] == "frame.counts" and got[1]["name"] == src.name:
+                    published.append(got[1])
+                    break
+    finally:
+        agent.stop()
+        th.join(20)
+        sub.close()
+    assert [m["status"] for m in published] == ["ok", "error", "ok"]
+    (path,) = (tmp_path / "bluesky").glob("*.jsonl")
+    docs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [n for n, _ in docs] == ["start", "descriptor", "event", "event", "stop"]
+    for name, doc in docs:
+        validate_doc(name, doc)
+    start, desc, stop = docs[0][1], docs[1][1], docs[-1][1]
+    assert path.stem == start["uid"] and start["plan_name"] == "stm-agent"
+    assert start["config_digest"] == agent.config_digest
+    assert desc["run_start"] == start["uid"] and desc["name"] == "primary"
+    assert stop["run_start"] == start["uid"] and stop["exit_status"] == "success"
+    assert stop["num_events"] == {"primary": 2}
+    ok = [m for m in published if m["status"] == "ok"]
+    for (_, ev), msg in zip(docs[2:4], ok):
+        assert ev["descriptor"] == desc["uid"]
+        assert ev["data"]["frame_id"] == msg["frame_id"] and ev["data"]["n_objects"] == msg["n_objects"]
+        assert ev["data"][data_key("other")] == msg["counts"]["other"]
+    # 26 objects on 4 x 4 nm
+    assert docs[3][1]["data"]["density_nm2"] == pytest.approx(26 / 16, rel=1e-3)
+
+
+def test_species_change_starts_a_new_stream_and_names_are_safe():
+    docs = []
+    rec = BlueskyRecorder(lambda n, d: docs.append((n, d)), agent_id="a")
+    base = {"status": "ok", "frame_id": "0" * 64, "name": "f", "scan": {"range_nm": [10, 10]}}
+    rec.frame(base | {"counts": {"other": 2}})
+    rec.frame(base | {"counts": {"Br.TPP": 1, "other": 0}})
+    rec.frame(base | {"status": "error", "counts": {}})
+    rec.frame(base | {"counts": {"other": 5}})
+    rec.close()
+    rec.close()
+    assert [n for n, _ in docs] == ["start", "descriptor", "event", "descriptor", "event", "event", "stop"]
+    for n, d in docs:
+        validate_doc(n, d)
+    assert docs[3][1]["name"] == "primary_2" and "count_Br_TPP" in docs[3][1]["data_keys"]
+    assert docs[4][1]["data"]["count_Br_TPP"] == 1 and docs[4][1]["descriptor"] == docs[3][1]["uid"]
+    assert docs[5][1]["descriptor"] == docs[1][1]["uid"]  # back to the first species set
+    assert docs[-1][1]["num_events"] == {"primary": 2, "primary_2": 1}
