@@ -9,16 +9,66 @@ Metrics (each agent has its OWN registry, so several agents, or tests, coexist i
 
 An :class:`AgentMetrics` made with ``enabled=False``, or when prometheus-client is not installed,
 is a no-op with the same methods (``enabled`` False, ``port`` None), so callers never test for it.
+
+The HTTP server is bounded (issue 15, finding 13): at most :data:`MAX_CONNECTIONS` requests are
+served at once, one thread each; a connection beyond that is closed at once (counted in
+``refused``), and a client that sends nothing for :data:`REQUEST_TIMEOUT_S` is dropped.
+prometheus-client's own ``start_http_server`` opens one thread per connection without bound.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-__all__ = ["AgentMetrics", "NullMetrics", "build_metrics", "LATENCY_BUCKETS_S"]
+__all__ = ["AgentMetrics", "NullMetrics", "build_metrics", "LATENCY_BUCKETS_S", "MAX_CONNECTIONS",
+           "REQUEST_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
+
+#: Requests served at once (one thread each); more connections are closed unanswered.
+MAX_CONNECTIONS = 4
+#: A connection idle this long (s) is dropped (a client that opens and sends nothing).
+REQUEST_TIMEOUT_S = 5.0
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A WSGI server with at most MAX_CONNECTIONS request threads."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT_S  # socket timeout of each connection (StreamRequestHandler.setup)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
 
 # 10 ms .. 60 s, roughly x2-x2.5 per step
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -114,9 +164,13 @@ class AgentMetrics:
         """
         if not self.enabled or self._server is not None:
             return self
-        from prometheus_client import start_http_server
+        from prometheus_client import make_wsgi_app
 
-        self._server, self._thread = start_http_server(self.requested_port, addr=self.host, registry=self.registry)
+        self._server = make_server(self.host, self.requested_port, make_wsgi_app(self.registry),
+                                   server_class=_BoundedServer, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="stm-agent-metrics", daemon=True)
+        self._thread.start()
         self.port = int(self._server.server_address[1])
         log.info("Prometheus metrics on http://%s:%d/metrics", self.host, self.port)
         return self

@@ -6,6 +6,9 @@ asks the agent instead. Requests are one UTF-8 text frame:
 * ``latest``: the ``frame.counts`` message of the most recent frame;
 * ``frame <frame_id>``: the ``frame.counts`` message of that frame (the full sha256 hex, or a
   unique prefix of at least 8 hex characters);
+* ``since <frame_seq>``: every frame recorded after ``frame_seq`` (``frame.counts`` messages in
+  ``frame_seq`` order, at most :data:`adapters.store.SINCE_LIMIT` per reply; ``more`` says to ask
+  again from the last one). A subscriber that sees a gap in ``frame_seq`` fills it with this.
 * ``status``: the agent's state (the fields of ``agent.heartbeat``).
 
 Replies are one JSON object (never pickle), valid against ``adapters/schemas/query.reply.schema.json``.
@@ -13,11 +16,15 @@ The SERVER builds the envelope, so handlers only return the body::
 
     {"schema": 1, "agent_id": "...", "request": "latest" | "frame", "frame": {...frame.counts...},
      "detections": [...]}   # detections only when the handler's frame had a "detections" key
+    {"schema": 1, "agent_id": "...", "request": "since", "frames": [{...frame.counts...}, ...],
+     "more": false, "last_frame_seq": 42}
     {"schema": 1, "agent_id": "...", "request": "status", "status": {...heartbeat fields...}}
     {"schema": 1, "agent_id": "...", "request": <command or null>, "error": "why"}
 
 A malformed or unknown request, an unknown frame, or a handler that raises gets an ``error``
-reply; the server never dies of a request.
+reply; the server never dies of a request. The REP socket has ZMQ_MAXMSGSIZE set
+(:data:`MAX_REQUEST_BYTES`): ZeroMQ drops a peer that sends a larger request before it is
+buffered (a 200 MB request costs nothing).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import json
 import logging
 import re
 import threading
+from collections import OrderedDict
 from typing import Any, Callable
 
 import zmq
@@ -33,7 +41,7 @@ import zmq
 from stm_agent.adapters.zmq_io import SCHEMA, _jsonable
 from stm_agent.agent.errors import PublishError
 
-__all__ = ["QueryServer", "query", "store_handler", "Handler"]
+__all__ = ["QueryServer", "query", "store_handler", "since_body", "GapFiller", "Handler", "MAX_REQUEST_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,9 @@ Handler = Callable[[str, "str | None"], "dict[str, Any] | None"]
 
 _HEX_ID = re.compile(r"^[0-9a-f]{8,64}$")
 _MAX_REQUEST = 1024  # bytes; longer requests are refused without parsing
+#: ZMQ_MAXMSGSIZE of the query socket: a larger request frame disconnects its sender unread.
+MAX_REQUEST_BYTES = 4096
+_COMMANDS = "latest, frame <frame_id>, since <frame_seq> or status"
 _POLL_MS = 50  # worker poll period: bounds how long stop() waits
 
 
@@ -101,6 +112,7 @@ class QueryServer:
             raise RuntimeError("QueryServer.start() called twice")
         sock = self._ctx.socket(zmq.REP)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
         try:
             sock.bind(self.requested_endpoint)
         except zmq.ZMQError as exc:
@@ -167,7 +179,7 @@ class QueryServer:
             return self._envelope(None, error="request is not UTF-8 text")
         parts = text.split()
         if not parts:
-            return self._envelope(None, error="empty request; send latest, frame <frame_id> or status")
+            return self._envelope(None, error=f"empty request; send {_COMMANDS}")
         command, args = parts[0].lower(), parts[1:]
         arg: str | None = None
         if command in ("latest", "status"):
@@ -178,9 +190,12 @@ class QueryServer:
                 return self._envelope(command, error="frame needs one frame_id: the sha256 hex, or a unique "
                                                      "prefix of at least 8 hex characters")
             arg = args[0].lower()
+        elif command == "since":
+            if len(args) != 1 or not args[0].isdigit() or len(args[0]) > 18:
+                return self._envelope(command, error="since needs one frame_seq: an integer >= 0")
+            arg = str(int(args[0]))
         else:
-            return self._envelope(None, error=f"unknown request {parts[0][:40]!r}; send latest, "
-                                              "frame <frame_id> or status")
+            return self._envelope(None, error=f"unknown request {parts[0][:40]!r}; send {_COMMANDS}")
         try:
             body = self.handler(command, arg)
         except LookupError as exc:
@@ -197,6 +212,9 @@ class QueryServer:
             return self._envelope(command, error="internal error: the handler did not return an object")
         if command == "status":
             return self._envelope(command, status=body)
+        if command == "since":
+            return self._envelope(command, frames=body.get("frames", []), more=bool(body.get("more")),
+                                  last_frame_seq=int(body.get("last_frame_seq") or 0))
         frame = dict(body)
         detections = frame.pop("detections", None)  # kept beside the frame.counts body, not in it
         reply = self._envelope(command, frame=frame)
@@ -226,6 +244,8 @@ def store_handler(store: Any, status: Callable[[], dict[str, Any] | None]) -> Ha
     def handle(command: str, arg: str | None) -> dict[str, Any] | None:
         if command == "status":
             return status()
+        if command == "since":
+            return since_body(store, int(arg or 0))
         if command == "latest":
             rows = store.latest(1)
             row = rows[0] if rows else None
@@ -237,9 +257,36 @@ def store_handler(store: Any, status: Callable[[], dict[str, Any] | None]) -> Ha
             raise LookupError(f"frame {row['frame_id']} was recorded without its message (older agent)")
         msg = dict(row["message"])
         msg.pop("seq", None)  # the seq of a past publication is not this reply's
+        msg["frame_seq"] = row["frame_seq"]
         return msg
 
     return handle
+
+
+def since_body(store: Any, frame_seq: int) -> dict[str, Any]:
+    """The body of a ``since <frame_seq>`` reply from a results store.
+
+    Returns
+    -------
+    dict
+        ``frames``: the stored ``frame.counts`` messages of the frames recorded after
+        ``frame_seq`` (oldest first, at most :data:`adapters.store.SINCE_LIMIT`, without ``seq``:
+        a reply is not a publication; each has its ``frame_seq``); ``more``: more frames follow the
+        last one; ``last_frame_seq``: the highest recorded.
+    """
+    from stm_agent.adapters.store import SINCE_LIMIT
+
+    rows = store.since(frame_seq, SINCE_LIMIT + 1)
+    frames = []
+    for r in rows[:SINCE_LIMIT]:
+        msg = dict(r.get("message") or {})
+        if not msg:  # recorded by an older agent without its message: the essentials
+            msg = {"frame_id": r["frame_id"], "source": r["source"], "path": r["path"], "name": r["name"],
+                   "status": r["status"], "reason": r["reason"], "counts": r["counts"]}
+        msg.pop("seq", None)
+        msg["frame_seq"] = r["frame_seq"]
+        frames.append(msg)
+    return {"frames": frames, "more": len(rows) > SINCE_LIMIT, "last_frame_seq": store.last_frame_seq()}
 
 
 def query(endpoint: str, request: str, timeout_ms: int = 2000, context: zmq.Context | None = None) -> dict[str, Any]:
@@ -250,7 +297,7 @@ def query(endpoint: str, request: str, timeout_ms: int = 2000, context: zmq.Cont
     endpoint : str
         The agent's query endpoint, e.g. ``tcp://127.0.0.1:5557``.
     request : str
-        ``latest``, ``frame <frame_id>`` or ``status``.
+        ``latest``, ``frame <frame_id>``, ``since <frame_seq>`` or ``status``.
     timeout_ms : int
         How long to wait for the answer, ms.
     context : zmq.Context, optional
@@ -288,3 +335,106 @@ def query(endpoint: str, request: str, timeout_ms: int = 2000, context: zmq.Cont
     if not isinstance(reply, dict):
         raise PublishError(endpoint, "reply is not a JSON object")
     return reply
+
+
+class GapFiller:
+    """Follows ``frame_seq`` on a subscriber's side and fills gaps from the query endpoint.
+
+    ``frame.counts`` messages carry a gap-free ``frame_seq``; a PUB message can still be lost
+    (the agent killed right after a non-blocking send, a slow or late subscriber). Feed every
+    ``frame.counts`` to :meth:`on_frame` and every ``agent.heartbeat`` to :meth:`on_heartbeat`:
+    each returns the frames to hand on, in ``frame_seq`` order, as ``(message, recovered)``;
+    ``recovered`` is True for frames fetched with ``since <frame_seq>``. Frames seen before (a
+    ``redelivered`` copy, a recovered frame published late) are not handed on twice.
+
+    Parameters
+    ----------
+    query_endpoint : str | None
+        The agent's query endpoint; None = gaps are counted (:attr:`missed`) but not filled.
+    timeout_ms : int
+        Per query.
+    context : zmq.Context, optional
+
+    Attributes
+    ----------
+    last : int | None
+        Highest ``frame_seq`` handed on (None until the first frame or heartbeat).
+    recovered, missed : int
+        Frames fetched to fill gaps; frames known to be missing that could not be fetched.
+    """
+
+    def __init__(self, query_endpoint: str | None, timeout_ms: int = 2000, context: zmq.Context | None = None):
+        self.query_endpoint = query_endpoint
+        self.timeout_ms = int(timeout_ms)
+        self._ctx = context
+        self.last: int | None = None
+        self.recovered = 0
+        self.missed = 0
+        self._seen: "OrderedDict[str, None]" = OrderedDict()
+
+    def _remember(self, frame_id: str) -> bool:
+        """True if new."""
+        if frame_id in self._seen:
+            return False
+        self._seen[frame_id] = None
+        if len(self._seen) > 10000:
+            self._seen.popitem(last=False)
+        return True
+
+    def _fill(self, upto: int | None) -> list[tuple[dict[str, Any], bool]]:
+        """Fetch frames after :attr:`last` (up to ``upto`` when given, or all)."""
+        out: list[tuple[dict[str, Any], bool]] = []
+        if self.last is None:
+            return out
+        want = (upto - self.last) if upto is not None else 0
+        if self.query_endpoint is None:
+            self.missed += max(want, 0)
+            if upto is not None:
+                self.last = upto
+            return out
+        while upto is None or self.last < upto:
+            try:
+                reply = query(self.query_endpoint, f"since {self.last}", self.timeout_ms, self._ctx)
+            except PublishError as exc:
+                log.warning("cannot fill the frame_seq gap after %d: %s", self.last, exc)
+                break
+            frames = reply.get("frames") or []
+            for f in frames:
+                fs = f.get("frame_seq")
+                if not isinstance(fs, int) or fs <= self.last or (upto is not None and fs > upto):
+                    continue
+                self.last = fs
+                if self._remember(str(f.get("frame_id"))):
+                    self.recovered += 1
+                    out.append((f, True))
+            if not frames or not reply.get("more"):
+                break
+        if upto is not None and self.last < upto:
+            self.missed += upto - self.last
+            self.last = upto
+        return out
+
+    def on_frame(self, msg: dict[str, Any]) -> list[tuple[dict[str, Any], bool]]:
+        """A ``frame.counts`` arrived: the frames to hand on (missed ones first, then ``msg``)."""
+        fs = msg.get("frame_seq")
+        out: list[tuple[dict[str, Any], bool]] = []
+        if isinstance(fs, int):
+            if self.last is not None and fs > self.last + 1:
+                out = self._fill(fs - 1)
+            if self.last is None or fs > self.last:
+                self.last = fs
+        if self._remember(str(msg.get("frame_id"))):
+            out.append((msg, False))
+        return out
+
+    def on_heartbeat(self, hb: dict[str, Any]) -> list[tuple[dict[str, Any], bool]]:
+        """An ``agent.heartbeat`` arrived: frames recorded that this subscriber has not seen."""
+        top = hb.get("last_frame_seq")
+        if not isinstance(top, int):
+            return []
+        if self.last is None:
+            self.last = top  # joined now: what came before is history, not a gap
+            return []
+        if top > self.last:
+            return self._fill(top)
+        return []

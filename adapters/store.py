@@ -32,6 +32,7 @@ Schema (table ``frames``)::
     name TEXT                  -- short name (file name, or the feed's name)
     message TEXT               -- JSON frame.counts message as published (without seq)
     published_at TEXT          -- ISO 8601 UTC when published; NULL = not yet (re-published on start)
+    frame_seq INTEGER UNIQUE   -- 1, 2, 3 ... in the order frames were recorded, without gaps
 
 Table ``inbox`` (frames waiting; oldest first by ``id``)::
 
@@ -47,12 +48,23 @@ Table ``trigger_firings`` (one row per firing of a trigger rule, :mod:`agent.tri
 
 Table ``meta`` (key TEXT PRIMARY KEY, value TEXT): ``seq_reserved``, the highest message sequence
 number reserved by a publisher (see :meth:`ResultStore.reserve_seq`).
+
+One agent per store: an agent opens the store with ``lock=True``, which holds an exclusive
+``flock`` on ``<store>.lock`` (a local lock file, released by the kernel when the process dies,
+even by kill -9); a second agent on the same store is refused with a :class:`StoreError` naming
+the first one's pid. Readers (``results export``, ``status``, tests) open it without the lock.
+Locks on network shares (NFS, SMB) are not reliable: keep the store on a local disk.
+``frame_seq`` is assigned and ``seq`` blocks are reserved inside ``BEGIN IMMEDIATE`` transactions,
+so they are atomic across processes as well. The store file, its lock and the spool are created
+0640 (owner read-write, group read).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import sqlite3
 import threading
 from datetime import datetime, timezone
@@ -62,9 +74,12 @@ from typing import Any
 from stm_agent.agent.domain import FrameResult
 from stm_agent.agent.errors import StoreError
 
-__all__ = ["ResultStore", "SCHEMA_VERSION"]
+__all__ = ["ResultStore", "StoreLock", "SCHEMA_VERSION", "SINCE_LIMIT"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Most frames one :meth:`ResultStore.since` call returns (a reply stays small; ask again for more).
+SINCE_LIMIT = 100
+_FILE_MODE = 0o640
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -112,7 +127,7 @@ CREATE TABLE IF NOT EXISTS trigger_firings (
 """
 
 # Columns added in schema 2 (ALTER TABLE for stores written by schema 1).
-_ADDED_COLUMNS = {"name": "TEXT", "message": "TEXT", "published_at": "TEXT"}
+_ADDED_COLUMNS = {"name": "TEXT", "message": "TEXT", "published_at": "TEXT", "frame_seq": "INTEGER"}
 
 _JSON_COLUMNS = ("counts", "detections", "encoder", "timings", "scan", "message")
 
@@ -140,6 +155,52 @@ def _dumps(obj: Any) -> str:
     return json.dumps(_finite(obj), allow_nan=False, default=str)
 
 
+class StoreLock:
+    """An exclusive lock on ``<store>.lock``: one agent per results store.
+
+    ``flock(LOCK_EX | LOCK_NB)`` on a local file; the kernel releases it when the process ends,
+    however it ends. The lock file holds the pid of its holder (for the message of the next one).
+
+    Parameters
+    ----------
+    store_path : Path
+        The SQLite file; the lock is ``store_path`` + ``.lock`` beside it.
+
+    Raises
+    ------
+    StoreError
+        Another process holds the lock (the message names its pid), or the lock file cannot be
+        created (read-only folder, a symlink planted in its place ...).
+    """
+
+    def __init__(self, store_path: Path):
+        self.path = Path(str(store_path) + ".lock")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _FILE_MODE)
+        except OSError as exc:
+            raise StoreError(store_path, f"cannot create the lock file {self.path} ({exc.strerror or exc})") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise StoreError(store_path, f"another stm-agent (pid {holder}) is using this results store "
+                                         f"(lock {self.path}); stop it, or give this agent its own "
+                                         "results.store") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent). The file stays; it is harmless without a holder."""
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+
 class ResultStore:
     """The SQLite results store (one file, WAL mode, safe to share between threads).
 
@@ -148,19 +209,27 @@ class ResultStore:
     path : str | Path
         The SQLite file; its folder is created if missing. ``":memory:"`` for a private in-memory
         store (tests).
+    lock : bool
+        Take the store's lock (:class:`StoreLock`): the agent does; readers do not.
 
     Raises
     ------
     StoreError
-        The file cannot be created/opened, is not an SQLite database, or WAL cannot be enabled.
+        The file cannot be created/opened, is not an SQLite database, or WAL cannot be enabled;
+        with ``lock``, another agent holds the store.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, lock: bool = False):
         self.path = Path(path) if str(path) != ":memory:" else None
         self._lock = threading.RLock()
+        self._store_lock: StoreLock | None = None
         try:
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                if lock:
+                    self._store_lock = StoreLock(self.path)
+                # created 0640 before SQLite opens it (SQLite gives its -wal/-shm the same mode)
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE))
             # check_same_thread=False: the folder source's thread asks has() while the worker records;
             # every use of the connection is serialised by self._lock.
             self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=10.0, isolation_level=None)
@@ -177,22 +246,58 @@ class ResultStore:
                     self._db.execute(f"ALTER TABLE frames ADD COLUMN {col} {typ}")
             self._db.execute("CREATE INDEX IF NOT EXISTS frames_unpublished ON frames (published_at) "
                              "WHERE published_at IS NULL")
+            self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS frames_frame_seq ON frames (frame_seq)")
+            if self._db.execute("SELECT 1 FROM frames WHERE frame_seq IS NULL LIMIT 1").fetchone():
+                self._number_old_frames()
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
+            self._release_lock()
             raise StoreError(path, f"cannot open the results database ({exc})") from exc
         except OSError as exc:
-            raise StoreError(path, f"cannot create the results folder ({exc.strerror or exc})") from exc
+            self._release_lock()
+            raise StoreError(path, f"cannot create the results store ({exc.strerror or exc})") from exc
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self) -> None:
+        if self._store_lock is not None:
+            self._store_lock.release()
+            self._store_lock = None
+
+    def _number_old_frames(self) -> None:
+        """Give frames recorded by a schema < 3 store a ``frame_seq`` (in record order)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            top = self._db.execute("SELECT COALESCE(MAX(frame_seq), 0) FROM frames").fetchone()[0]
+            ids = [r[0] for r in self._db.execute("SELECT rowid FROM frames WHERE frame_seq IS NULL ORDER BY rowid")]
+            self._db.executemany("UPDATE frames SET frame_seq = ? WHERE rowid = ?",
+                                 [(top + i + 1, rid) for i, rid in enumerate(ids)])
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     # ------------------------------------------------------------------ writing
-    def _insert(self, row: dict[str, Any]) -> bool:
-        cols = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
+    def _insert(self, row: dict[str, Any], message: dict[str, Any] | None) -> bool:
+        """Insert the frames row and delete the inbox row in one ``BEGIN IMMEDIATE`` transaction.
+
+        The next ``frame_seq`` is taken inside the transaction (gap-free: a number is used only by
+        a committed row) and written into ``message`` (in place) before it is stored."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    cur = self._db.execute(f"INSERT OR IGNORE INTO frames ({cols}) VALUES ({marks})",
-                                           tuple(row.values()))
+                    known = self._db.execute("SELECT 1 FROM frames WHERE frame_id = ?", (row["frame_id"],)).fetchone()
+                    if known is None:
+                        n = int(self._db.execute("SELECT COALESCE(MAX(frame_seq), 0) + 1 FROM frames").fetchone()[0])
+                        row["frame_seq"] = n
+                        if message is not None:
+                            message["frame_seq"] = n
+                            row["message"] = _dumps(message)
+                        cols = ", ".join(row)
+                        marks = ", ".join("?" for _ in row)
+                        self._db.execute(f"INSERT INTO frames ({cols}) VALUES ({marks})", tuple(row.values()))
                     self._db.execute("DELETE FROM inbox WHERE frame_id = ?", (row["frame_id"],))
                     self._db.execute("COMMIT")
                 except BaseException:
@@ -200,7 +305,7 @@ class ResultStore:
                     raise
             except sqlite3.Error as exc:
                 raise StoreError(self.path or ":memory:", f"cannot record frame {row['frame_id']} ({exc})") from exc
-            return cur.rowcount == 1
+            return known is None
 
     def record(
         self,
@@ -230,7 +335,8 @@ class ResultStore:
         name : str | None
             Short name for people (file name, or the feed's name).
         message : dict | None
-            The ``frame.counts`` message to publish (kept for re-publication and queries).
+            The ``frame.counts`` message to publish (kept for re-publication and queries). Its
+            ``frame_seq`` is set here, in place, to the number the frame is recorded under.
         source : str | None
             Overrides ``result.source`` (``folder`` / ``controller`` / ``nanonis``).
 
@@ -261,9 +367,9 @@ class ResultStore:
             "config_digest": config_digest,
             "scan": _dumps(body["scan"]),
             "name": name,
-            "message": _dumps(message) if message is not None else None,
+            "message": None,
         }
-        return self._insert(row)
+        return self._insert(row, message)
 
     def record_error(
         self,
@@ -279,7 +385,8 @@ class ResultStore:
     ) -> bool:
         """Record a frame that could not be processed (status ``error`` with ``reason``).
 
-        The file itself is left where it is. Idempotent like :meth:`record`.
+        The file itself is left where it is. Idempotent like :meth:`record`; ``message`` gets its
+        ``frame_seq`` in place.
 
         Returns
         -------
@@ -301,9 +408,9 @@ class ResultStore:
             "reason": str(reason),
             "config_digest": config_digest,
             "name": name,
-            "message": _dumps(message) if message is not None else None,
+            "message": None,
         }
-        return self._insert(row)
+        return self._insert(row, message)
 
     def mark_published(self, frame_id: str) -> None:
         """Note that the frame's messages went out (it is not re-published on the next start).
@@ -411,11 +518,30 @@ class ResultStore:
             The database cannot be written.
         """
         with self._lock:
-            r = self._db.execute("SELECT value FROM meta WHERE key = 'seq_reserved'").fetchone()
-            first = int(r[0]) + 1 if r is not None else 1
-            self._exec("INSERT INTO meta (key, value) VALUES ('seq_reserved', ?) "
-                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(first + block - 1),))
+            try:
+                self._db.execute("BEGIN IMMEDIATE")  # read and write under one write lock: atomic across processes
+                try:
+                    r = self._db.execute("SELECT value FROM meta WHERE key = 'seq_reserved'").fetchone()
+                    first = int(r[0]) + 1 if r is not None else 1
+                    self._db.execute("INSERT INTO meta (key, value) VALUES ('seq_reserved', ?) "
+                                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                                     (str(first + block - 1),))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(self.path or ":memory:", f"cannot reserve sequence numbers ({exc})") from exc
             return first
+
+    def release_claim(self, inbox_id: int) -> None:
+        """Undo the ``attempts`` increment of :meth:`claim` (the frame was not processed because the
+        store could not be written, not because it killed the agent). Best effort: errors are ignored."""
+        with self._lock:
+            try:
+                self._db.execute("UPDATE inbox SET attempts = MAX(attempts - 1, 0) WHERE id = ?", (inbox_id,))
+            except sqlite3.Error:
+                pass
 
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -461,6 +587,22 @@ class ResultStore:
                 "SELECT * FROM frames ORDER BY processed_at DESC, rowid DESC LIMIT ?", (int(n),)
             ).fetchall()
         return [self._row(r) for r in rows]  # type: ignore[misc]
+
+    def since(self, frame_seq: int, limit: int = SINCE_LIMIT) -> list[dict[str, Any]]:
+        """Frames recorded after ``frame_seq`` (``frame_seq > n``), oldest first, at most ``limit``.
+
+        Subscribers that saw a gap in ``frame_seq`` ask for what they missed with it (query
+        ``since <n>``); ``since(0)`` starts from the first frame.
+        """
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM frames WHERE frame_seq > ? ORDER BY frame_seq LIMIT ?",
+                                    (int(frame_seq), max(int(limit), 0))).fetchall()
+        return [self._row(r) for r in rows]  # type: ignore[misc]
+
+    def last_frame_seq(self) -> int:
+        """The highest ``frame_seq`` recorded (0 for an empty store)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(MAX(frame_seq), 0) FROM frames").fetchone()[0])
 
     def count(self, status: str | None = None) -> int:
         """Number of recorded frames, all or with ``status`` ``"ok"`` / ``"error"``."""
@@ -534,6 +676,7 @@ class ResultStore:
                 pass
             self._db.close()
             self._db = None  # type: ignore[assignment]
+            self._release_lock()
 
     def __enter__(self) -> "ResultStore":
         return self

@@ -260,17 +260,45 @@ def run(
 @app.command()
 def listen(
     endpoint: str = typer.Option("tcp://127.0.0.1:5556", "--endpoint", help="Agent's PUB endpoint."),
+    query_endpoint: Optional[str] = typer.Option("tcp://127.0.0.1:5557", "--query-endpoint",
+                                                 help="Agent's query endpoint, used to fetch frames missed "
+                                                 "(a gap in frame_seq); 'none' = do not fetch."),
     count: int = typer.Option(0, "--count", "-n", help="Stop after N frames (0 = run until Ctrl-C)."),
     timeout: float = typer.Option(0.0, "--timeout", help="Give up after this many seconds without a frame "
                                   "(0 = wait forever)."),
     as_json: bool = typer.Option(False, "--json", help="Print every message as one JSON line."),
 ) -> None:
-    """Print the species counts of each frame as a running agent publishes them."""
+    """Print the species counts of each frame as a running agent publishes them.
+
+    Frames carry a gap-free frame_seq: when one is missed (a jump in frame_seq, or a heartbeat
+    ahead of the last frame seen) it is fetched from the query endpoint (`since <frame_seq>`) and
+    printed, marked "recovered". A frame published again after a restart is printed once.
+    """
+    from stm_agent.adapters.query import GapFiller
     from stm_agent.adapters.zmq_io import Subscriber
 
-    sub = Subscriber(endpoint, ["frame.counts", "agent.status"])
+    try:
+        sub = Subscriber(endpoint, ["frame.counts", "agent.status", "agent.heartbeat"])
+    except StmAgentError as e:
+        _fail(e)
+    gaps = GapFiller(None if (query_endpoint or "").lower() in ("", "none") else query_endpoint)
     seen = 0
     last = time.monotonic()
+
+    def show(topic: str, msg: dict, recovered: bool = False) -> None:
+        if as_json:
+            print(json.dumps({"topic": topic, **msg, **({"recovered": True} if recovered else {})}), flush=True)
+        elif topic == "agent.status":
+            console.print(f"[dim]{msg.get('agent_id')}: {msg.get('state')} (config {msg.get('config_digest')})[/]")
+        elif msg.get("status") == "error":
+            console.print(f"[red]{msg.get('name') or msg.get('frame_id')}: error: {msg.get('reason')}[/]")
+        else:
+            counts = "  ".join(f"{k}={v}" for k, v in (msg.get("counts") or {}).items())
+            note = " [yellow](recovered)[/]" if recovered else (" [yellow](redelivered)[/]" if msg.get("redelivered")
+                                                               else "")
+            console.print(f"[bold]{msg.get('name') or msg.get('frame_id')}[/]  {counts}{note}  "
+                          f"[dim]({msg.get('latency_ms', 0):.0f} ms, frame_seq {msg.get('frame_seq')})[/]")
+
     try:
         while count == 0 or seen < count:
             got = sub.recv(timeout_ms=500)
@@ -280,24 +308,22 @@ def listen(
                     raise typer.Exit(code=1)
                 continue
             topic, msg = got
-            last = time.monotonic()
-            if as_json:
-                print(json.dumps({"topic": topic, **msg}), flush=True)
-            elif topic == "agent.status":
-                console.print(f"[dim]{msg.get('agent_id')}: {msg.get('state')} (config {msg.get('config_digest')})[/]")
-            elif msg.get("status") == "error":
-                console.print(f"[red]{msg.get('name') or msg.get('frame_id')}: error: {msg.get('reason')}[/]")
-            else:
-                counts = "  ".join(f"{k}={v}" for k, v in (msg.get("counts") or {}).items())
-                again = " [yellow](redelivered)[/]" if msg.get("redelivered") else ""
-                console.print(f"[bold]{msg.get('name') or msg.get('frame_id')}[/]  {counts}{again}  "
-                              f"[dim]({msg.get('latency_ms', 0):.0f} ms, seq {msg.get('seq')})[/]")
-            if topic == "frame.counts":
+            if topic == "agent.status":
+                show(topic, msg)
+                continue
+            out = gaps.on_frame(msg) if topic == "frame.counts" else gaps.on_heartbeat(msg)
+            for m, recovered in out:
+                last = time.monotonic()
+                show("frame.counts", m, recovered)
                 seen += 1
+                if count and seen >= count:
+                    break
     except KeyboardInterrupt:
         pass
     finally:
         sub.close()
+        if gaps.recovered or gaps.missed:
+            err_console.print(f"{gaps.recovered} frame(s) recovered from the query endpoint, {gaps.missed} missed")
 
 
 @config_app.command("init")

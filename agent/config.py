@@ -45,6 +45,11 @@ class ControllerConfig(_Strict):
     topics: list[Literal["scan.sxm", "scan.array", "scan.saved"]] = ["scan.sxm", "scan.array", "scan.saved"]
     rcvhwm: int = Field(100, ge=1)
     max_payload_mb: float = Field(512.0, gt=0)
+    max_queue_mb: float = Field(1024.0, gt=0)
+    max_message_mb: float | None = Field(None, gt=0)
+    drain_s: float = Field(10.0, ge=0)
+    ack: bool = False
+    curve_server_key: str | None = None
 
 
 class NanonisConfig(_Strict):
@@ -84,6 +89,8 @@ class ResultsConfig(_Strict):
     write_overlay: bool = True
     spool_dir: Path | None = None
     keep_received: bool = True
+    spool_budget_mb: float | None = Field(10240.0, gt=0)
+    spool_prune: bool = False
 
 
 class ReferencesConfig(_Strict):

@@ -41,7 +41,16 @@ across restarts because it is reserved in blocks in the store):
   (inbox), folder files pending completion, last frame, model, reference set, per-source stats.
 
 A late joiner asks the query endpoint (``publish.query_endpoint``, REQ/REP): ``latest``,
-``frame <frame_id>`` or ``status``.
+``frame <frame_id>``, ``since <frame_seq>`` or ``status``.
+
+``frame.counts`` carries ``frame_seq``: 1, 2, 3 ... in the order frames were recorded, stored
+with each frame, without gaps. A PUB message can be lost (a kill -9 right after a non-blocking
+send, a slow or late subscriber), so a subscriber that sees ``frame_seq`` jump (or the heartbeat's
+``last_frame_seq`` ahead of what it has) asks ``since <last frame_seq it has>`` and gets every
+later frame; ``stm-agent listen`` does.
+
+One agent per store: the store's lock file is held while the agent exists (a second agent on the
+same ``results.store`` is refused with a message naming the first one's pid).
 """
 
 from __future__ import annotations
@@ -51,11 +60,13 @@ import os
 import signal
 import threading
 import time
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from stm_agent.adapters.arrival import Arrival, Source
+from stm_agent.adapters.ratelog import RateLimitedLog
 from stm_agent.adapters.store import ResultStore
 from stm_agent.adapters.zmq_io import Publisher
 from stm_agent.agent.config import AgentConfig
@@ -73,6 +84,9 @@ _SEQ_BLOCK = 1000
 #: After a restart with work left over, wait this long before publishing it: subscribers that were
 #: connected before reconnect within ZeroMQ's reconnect interval (0.1 s) and would miss it otherwise.
 REDELIVERY_GRACE_S = 1.0
+_RETRY_MAX_S = 5.0  # longest pause between two attempts to write the store (disk full ...)
+_PAYLOAD_CACHE_BYTES = 256 << 20  # received payloads kept in memory for the worker (also on disk)
+_SPOOL_PRUNE_EVERY_S = 5.0
 _SCAN_KEYS = ("pixels", "range_nm", "pixel_size_nm", "bias_V", "setpoint_A", "direction", "angle_deg")
 _FRAME_HEADER = ("frame_id", "source", "path", "name", "acquired_at", "received_at", "processed_at", "scan")
 
@@ -133,9 +147,17 @@ class Agent:
     def __init__(self, cfg: AgentConfig, recognizer: Any | None = None, sources: list[Source] | None = None):
         self.cfg = cfg
         self.config_digest = cfg.digest()
-        self.store = ResultStore(cfg.results.store)
+        self.store = ResultStore(cfg.results.store, lock=True)
         self.publisher: Publisher | None = None
         own_recognizer = recognizer is None
+        self._rl = RateLimitedLog(log, 10.0)
+        # payloads received over the feed, kept for the worker so it does not read back what was
+        # just spooled (the spool file stays: it is the durable copy); bounded in bytes
+        self._payloads: OrderedDict[str, bytes] = OrderedDict()
+        self._payload_bytes = 0
+        self._payload_lock = threading.Lock()
+        self._spool_bytes: int | None = None
+        self._spool_next_check = 0.0
         self._seq_lock = threading.Lock()
         self._seq_next, self._seq_high = 1, 0
         try:
@@ -162,6 +184,7 @@ class Agent:
         self.errors = 0
         self.last_frame_id: str | None = None
         self.last_frame_at: str | None = None
+        self.last_frame_seq = self.store.last_frame_seq()
         self._t_start = time.monotonic()
         from stm_agent.agent.hooks import AgentHooks
 
@@ -205,13 +228,14 @@ class Agent:
         Raises
         ------
         StoreError
-            The inbox cannot be written (the source logs it and goes on).
+            The inbox cannot be written (disk full, store locked): the source keeps the frame
+            and tries again (nothing received is dropped).
         OSError
-            The spool folder cannot be written.
+            The spool folder cannot be written (disk full ...): same.
         """
         path = arrival.path
         new = False
-        if not self.store.has(arrival.frame_id):
+        if not self.store.has(arrival.frame_id):  # the one check before spooling; enqueue is atomic
             if arrival.payload is not None:
                 path = self._spool(arrival)
             meta = dict(arrival.meta)
@@ -221,6 +245,8 @@ class Agent:
                                      received_at=arrival.received_at, error=arrival.error,
                                      catch_up=arrival.catch_up)
         if new:
+            if arrival.payload is not None:
+                self._keep_payload(arrival.frame_id, arrival.payload)
             self._wake.set()
         else:
             log.info("%s: skipped, frame %s already recorded or waiting", arrival.name, arrival.frame_id[:12])
@@ -274,7 +300,7 @@ class Agent:
                 try:
                     done = self.process_next()
                 except StmAgentError as exc:  # the store itself failed (disk full ...): wait, retry
-                    log.error("cannot take the next frame: %s", exc)
+                    self._rl.log(logging.ERROR, "next", "cannot take the next frame: %s", exc)
                     self._stop.wait(1.0)
                     continue
                 if done is None:
@@ -349,8 +375,9 @@ class Agent:
             "config_digest": self.config_digest,
         }
         msg["latency_ms"] = self._latency_ms(msg["received_at"])
-        self.store.record(result, row["path"], self.config_digest, received_at=_parse_time(msg["received_at"]),
-                          name=msg["name"], message=msg, source=row["source"])
+        self._store_write(row, lambda: self.store.record(
+            result, row["path"], self.config_digest, received_at=_parse_time(msg["received_at"]), name=msg["name"],
+            message=msg, source=row["source"]))
         self._after_record(row)
         detections = [d.to_json() for d in result.detections]
         sent = self._publish_frame(msg, detections)
@@ -367,18 +394,20 @@ class Agent:
             from stm_agent.adapters.scanfile import read_scan
 
             return read_scan(path)
+        payload = self._take_payload(row["frame_id"])  # received in this run: not read back from the spool
         if kind == "sxm":
             from stm_agent.adapters.sxm import read_sxm
 
-            scan = read_sxm(path)
+            scan = read_sxm(payload if payload is not None else path, name=path)
             scan.source = f"controller:{row['meta'].get('name') or row['frame_id'][:12]}"
             return scan
         from stm_agent.adapters.arrayscan import scan_from_array
 
-        try:
-            payload = Path(path).read_bytes()
-        except OSError as exc:
-            raise ScanFormatError(path, f"the spooled array is gone ({exc.strerror or exc})") from exc
+        if payload is None:
+            try:
+                payload = Path(path).read_bytes()
+            except OSError as exc:
+                raise ScanFormatError(path, f"the spooled array is gone ({exc.strerror or exc})") from exc
         return scan_from_array(row["meta"], payload, source=f"controller:{self._name(row)}", frame_id=row["frame_id"])
 
     def _fail(self, row: dict[str, Any], reason: str) -> dict[str, Any]:
@@ -395,20 +424,118 @@ class Agent:
             "redelivered": False, "config_digest": self.config_digest,
         }
         msg["latency_ms"] = self._latency_ms(msg["received_at"])
-        self.store.record_error(row["frame_id"], row["path"], reason, source=row["source"],
-                                config_digest=self.config_digest, received_at=_parse_time(row["received_at"]),
-                                name=msg["name"], message=msg)
+        self._store_write(row, lambda: self.store.record_error(
+            row["frame_id"], row["path"], reason, source=row["source"], config_digest=self.config_digest,
+            received_at=_parse_time(row["received_at"]), name=msg["name"], message=msg))
         self._after_record(row)
         sent = self._publish_frame(msg, None)
         self._frame_metrics("error", msg["latency_ms"])
         return sent
 
+    def _store_write(self, row: dict[str, Any], write) -> None:
+        """Run ``write`` (record the result), retrying while the store cannot be written (disk
+        full ...) with a growing pause, logged at most every 10 s. Work done is kept: the frame
+        is not processed again. If the agent is asked to stop meanwhile, the frame stays in the
+        inbox (its attempt is not counted against it) and StoreError is raised."""
+        from stm_agent.agent.errors import StoreError
+
+        pause = 0.1
+        while True:
+            try:
+                write()
+                self._rl.reset("record")
+                return
+            except StoreError as exc:
+                if self._stop.is_set():
+                    self.store.release_claim(row["id"])
+                    raise
+                self._rl.log(logging.ERROR, "record", "%s: cannot record the result (%s); retrying until the store "
+                             "can be written (the frame stays in the inbox)", self._name(row), exc)
+                self._stop.wait(pause)
+                pause = min(pause * 2, _RETRY_MAX_S)
+
     def _after_record(self, row: dict[str, Any]) -> None:
+        self._drop_payload(row["frame_id"])
         if row["kind"] != "file" and not self.cfg.results.keep_received:
             try:
+                size = Path(row["path"]).stat().st_size
                 Path(row["path"]).unlink(missing_ok=True)
+                if self._spool_bytes is not None:
+                    self._spool_bytes -= size
             except OSError as exc:
                 log.warning("%s: cannot delete the spooled scan (%s)", row["path"], exc)
+        if row["kind"] != "file":
+            self._spool_budget()
+
+    def _spool_budget(self) -> None:
+        """Warn when the spool is over ``results.spool_budget_mb``; with ``spool_prune``, delete the
+        oldest spooled scans whose result is recorded until it is under budget again."""
+        rc = self.cfg.results
+        if rc.spool_budget_mb is None:
+            return
+        if self._spool_bytes is None:
+            self._spool_bytes = self._spool_usage()
+        budget = int(rc.spool_budget_mb * (1 << 20))
+        if self._spool_bytes <= budget:
+            return
+        if not rc.spool_prune:
+            self._rl.log(logging.WARNING, "spool", "spool %s holds %.0f MB, over its budget of %.0f MB "
+                         "(results.spool_budget_mb); nothing is deleted (results.spool_prune is false)",
+                         self.spool_dir, self._spool_bytes / (1 << 20), rc.spool_budget_mb)
+            return
+        now = time.monotonic()
+        if now < self._spool_next_check:
+            return
+        self._spool_next_check = now + _SPOOL_PRUNE_EVERY_S
+        files = []
+        for e in os.scandir(self.spool_dir):
+            name, _, ext = e.name.partition(".")
+            if ext in ("sxm", "array") and e.is_file(follow_symlinks=False):
+                files.append((e.stat(follow_symlinks=False).st_mtime, e.path, name, e.stat(follow_symlinks=False).st_size))
+        deleted = 0
+        for _, path, fid, size in sorted(files):
+            if self._spool_bytes <= budget:
+                break
+            rec = self.store.get(fid) if len(fid) == 64 else None
+            if rec is None:  # still waiting in the inbox (or not ours): never deleted
+                continue
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.warning("%s: cannot delete the spooled scan (%s)", path, exc)
+                continue
+            self._spool_bytes -= size
+            deleted += 1
+        log.info("spool over budget: deleted %d recorded scan(s); %.0f MB left (budget %.0f MB)", deleted,
+                 self._spool_bytes / (1 << 20), rc.spool_budget_mb)
+
+    def _spool_usage(self) -> int:
+        try:
+            return sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(self.spool_dir)
+                       if e.is_file(follow_symlinks=False))
+        except FileNotFoundError:
+            return 0
+
+    def _keep_payload(self, frame_id: str, payload: bytes) -> None:
+        with self._payload_lock:
+            if len(payload) > _PAYLOAD_CACHE_BYTES:
+                return
+            self._payloads[frame_id] = payload
+            self._payload_bytes += len(payload)
+            while self._payload_bytes > _PAYLOAD_CACHE_BYTES:
+                _, old = self._payloads.popitem(last=False)
+                self._payload_bytes -= len(old)
+
+    def _take_payload(self, frame_id: str) -> bytes | None:
+        with self._payload_lock:
+            data = self._payloads.get(frame_id)
+        return data
+
+    def _drop_payload(self, frame_id: str) -> None:
+        with self._payload_lock:
+            data = self._payloads.pop(frame_id, None)
+            if data is not None:
+                self._payload_bytes -= len(data)
 
     def _publish_frame(self, msg: dict[str, Any], detections: list[dict[str, Any]] | None) -> dict[str, Any]:
         """Publish frame.counts (and frame.detections for ok frames), then mark the frame published."""
@@ -416,8 +543,14 @@ class Agent:
         if msg["status"] == "ok" and detections is not None:
             self._publish("frame.detections", {**{k: msg.get(k) for k in _FRAME_HEADER}, "status": "ok",
                                                "redelivered": msg["redelivered"], "detections": detections})
-        self.store.mark_published(msg["frame_id"])
+        try:
+            self.store.mark_published(msg["frame_id"])
+        except StmAgentError as exc:  # disk full: it is published again (redelivered) at the next start
+            self._rl.log(logging.ERROR, "mark", "%s: published, but cannot note it in the store (%s)",
+                         msg["frame_id"][:12], exc)
         self.last_frame_id = msg["frame_id"]
+        if msg.get("frame_seq"):
+            self.last_frame_seq = max(self.last_frame_seq, int(msg["frame_seq"]))
         self.last_frame_at = msg["processed_at"]
         return sent
 
@@ -436,6 +569,7 @@ class Agent:
                        "n_objects": r["n_objects"], "encoder": r["encoder"], "timings_ms": r["timings"],
                        "latency_ms": 0.0, "status": r["status"], "reason": r["reason"], "files": [],
                        "catch_up": False, "config_digest": r["config_digest"] or self.config_digest}
+            msg["frame_seq"] = r["frame_seq"]
             msg["redelivered"] = True
             self._publish_frame(msg, r["detections"] if r["status"] == "ok" else None)
         if rows:
@@ -453,15 +587,27 @@ class Agent:
             return n
 
     def _spool(self, arrival: Arrival) -> Path:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        """Write the payload to ``<spool>/<frame_id>.sxm|array`` (0640, via a new temporary file,
+        fsync, rename). A failed write (disk full) leaves no partial file and raises OSError."""
+        self.spool_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         final = self.spool_dir / f"{arrival.frame_id}.{'sxm' if arrival.kind == 'sxm' else 'array'}"
         if not final.exists():
             tmp = final.with_suffix(final.suffix + f".{os.getpid()}.{threading.get_ident()}.part")
-            with open(tmp, "wb") as f:
-                f.write(arrival.payload or b"")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(arrival.payload or b"")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            if self._spool_bytes is not None:
+                self._spool_bytes += len(arrival.payload or b"")
         return final
 
     @staticmethod
@@ -524,7 +670,7 @@ class Agent:
         if cfg.controller.enabled:
             from stm_agent.adapters.controller import ControllerSource
 
-            out.append(ControllerSource(cfg.controller, self.submit, self.store.has))
+            out.append(ControllerSource(cfg.controller, self.submit))
         if cfg.nanonis.enabled:
             from stm_agent.adapters.nanonis_tcp import NanonisSource
 
@@ -552,6 +698,7 @@ class Agent:
             "pending": len(folder.pending()) if folder is not None else 0,
             "last_frame_id": self.last_frame_id,
             "last_frame_at": self.last_frame_at,
+            "last_frame_seq": self.last_frame_seq,
             "model": {"encoder": self.cfg.encoder.name, "id": getattr(enc, "id", None),
                       "model_dir": str(self.cfg.encoder.model_dir) if self.cfg.encoder.model_dir else None},
             "reference_set": {"folder": str(self.cfg.references.folder), "species": self._species()},
@@ -570,9 +717,13 @@ class Agent:
             self.metrics.frame_done(status, latency_ms / 1000.0)
 
     def _query(self, command: str, arg: str | None) -> dict[str, Any] | None:
-        """Answer the query endpoint: ``latest``, ``frame <id>``, ``status``."""
+        """Answer the query endpoint: ``latest``, ``frame <id>``, ``since <frame_seq>``, ``status``."""
         if command == "status":
             return self.status()
+        if command == "since":
+            from stm_agent.adapters.query import since_body
+
+            return since_body(self.store, int(arg or 0))
         if command == "latest":
             rows = self.store.latest(1)
             row = rows[0] if rows else None
@@ -585,6 +736,7 @@ class Agent:
         if not row["message"]:
             raise LookupError(f"frame {row['frame_id']} was recorded without its message (older agent)")
         msg = dict(row["message"])
+        msg["frame_seq"] = row["frame_seq"]
         if row["status"] == "ok":
             msg["detections"] = row["detections"]
         return msg

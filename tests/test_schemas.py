@@ -167,7 +167,7 @@ def valid(sxm_dir) -> dict[str, dict]:
         "frame.counts": head | frame | {
             "counts": {"adsorbate": 3, "other": 0}, "n_objects": 3, "encoder": {"name": "pixel", "id": "pixel-64"},
             "timings_ms": {"read": 3.5, "total": 120.0}, "latency_ms": 2200.0, "reason": None, "files": [],
-            "catch_up": False, "config_digest": "0123456789abcdef"},
+            "catch_up": False, "config_digest": "0123456789abcdef", "frame_seq": 3},
         "frame.detections": head | frame | {"detections": [det]},
         "agent.status": head | {"state": "started", "config_digest": "0123456789abcdef",
                                 "at": "2024-05-01T10:00:00+00:00", "pid": 4242, "endpoint": "tcp://127.0.0.1:5556",
@@ -262,7 +262,12 @@ def test_query_reply_schema(valid, use_js):
     validate("query.reply", env | {"request": "status", "status": state | {"config_digest": "ab"}},
              use_jsonschema=use_js)
     validate("query.reply", env | {"request": None, "error": "unknown request 'x'"}, use_jsonschema=use_js)
-    for bad in (env | {"request": "latest", "frame": frame, "error": "both"},
+    validate("query.reply", env | {"request": "since", "frames": [frame, frame | {"frame_seq": 4}], "more": False,
+                                   "last_frame_seq": 4}, use_jsonschema=use_js)
+    for bad in (env | {"request": "since", "frames": [frame | {"frame_seq": 0}], "more": False, "last_frame_seq": 4},
+                env | {"request": "since", "frames": [{k: v for k, v in frame.items() if k != "frame_seq"}],
+                       "more": False, "last_frame_seq": 4},
+                env | {"request": "since", "frames": [], "last_frame_seq": 4},env | {"request": "latest", "frame": frame, "error": "both"},
                 env | {"request": "latest", "frame": frame | {"counts": {"adsorbate": -2}}},
                 env | {"request": "status", "status": state | {"queue_depth": "0"}},
                 {"agent_id": "stm-test", "request": None, "error": "no schema"}):
