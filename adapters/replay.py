@@ -26,6 +26,20 @@ Back-pressure instead of drops: ``ZMQ_XPUB_NODROP`` is set, so when a subscriber
 1,000 frames loses nothing and memory stays bounded by ``sndhwm`` x frame size. ``LINGER`` is
 bounded (``linger_ms``) so closing never hangs.
 
+Acknowledged mode (``ack=True``, the agent's ``controller.ack: true``): the feed BINDS a ROUTER
+socket instead, waits for the agent's ``[ready]`` and sends ``[frame, msg_id, topic, header,
+payload]`` to it, at most ``window`` frames not yet acknowledged at a time. A frame is kept until
+the agent answers ``[ack, msg_id, status]`` (sent once the frame is on the agent's disk); it is sent
+again after ``ack_timeout_s`` without an answer, and at once to an agent that announces itself anew
+(a restarted agent: new ``ready`` from a new peer). :meth:`ReplayFeed.run` returns once every frame
+is acknowledged (or ``send_timeout_s`` passed without progress). So nothing is lost even when the
+agent is killed (-9) mid-stream; a frame already stored is acknowledged as ``duplicate``.
+
+CURVE (``curve_secret_file``): the feed serves as a CURVE server with the key pair of a
+``zmq.auth`` certificate (``zmq.auth.create_certificates(folder, "controller")`` writes
+``controller.key`` and ``controller.key_secret``); the agent pins the public key
+(``controller.curve_server_key``).
+
 The encoders (:func:`encode_sxm_message`, :func:`encode_array_message`, :func:`encode_saved_message`)
 live in :mod:`adapters.arrayscan` with the validation and are re-exported here.
 """
@@ -36,6 +50,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -144,13 +159,31 @@ class ReplayFeed:
     linger_ms : int
         ZMQ_LINGER on close, ms.
     send_timeout_s : float
-        Longest a send waits for a full queue before the frame is given up (logged).
+        Longest a send waits for a full queue before the frame is given up (logged); in ack
+        mode, longest :meth:`run` waits without any acknowledgement before it gives up.
+    ack : bool
+        Acknowledged mode (ROUTER; see the module doc).
+    window : int
+        Ack mode: frames sent and not yet acknowledged, at most.
+    ack_timeout_s : float
+        Ack mode: a frame not acknowledged this long after it was sent is sent again.
+    curve_secret_file : str | Path | None
+        A ``zmq.auth`` secret certificate: serve as a CURVE server with its key pair.
     context : zmq.Context, optional
+
+    Attributes
+    ----------
+    acked : dict
+        Ack mode: msg_id (frame index as text) -> status the agent answered (``stored``,
+        ``duplicate``, ``rejected``).
+    resent : int
+        Ack mode: frames sent again (timeout, or a restarted agent).
 
     Raises
     ------
     ConfigError
-        Bad mode / count / interval, the folder has no .sxm file, ``unique`` with mode ``saved``.
+        Bad mode / count / interval, the folder has no .sxm file, ``unique`` with mode ``saved``,
+        a certificate that cannot be read.
     PublishError
         The endpoint cannot be bound.
     """
@@ -158,7 +191,8 @@ class ReplayFeed:
     def __init__(self, folder: str | Path, endpoint: str = "tcp://127.0.0.1:5560", *, mode: Mode = "sxm",
                  interval_s: float = 1.0, count: int = 0, unique: bool = False, channel: str = "Z",
                  direction: str = "forward", sndhwm: int = 1000, linger_ms: int = 5000,
-                 send_timeout_s: float = 60.0, context: zmq.Context | None = None):
+                 send_timeout_s: float = 60.0, ack: bool = False, window: int = 16, ack_timeout_s: float = 5.0,
+                 curve_secret_file: str | Path | None = None, context: zmq.Context | None = None):
         self.folder = Path(folder)
         if mode not in MODES:
             raise ConfigError(f"replay: mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -180,24 +214,53 @@ class ReplayFeed:
         self.send_timeout_s = float(send_timeout_s)
         self.skipped: dict[str, str] = {}  # file name -> why it was not sent (array mode)
         self._cache: dict[Path, tuple[np.ndarray, dict] | None] = {}
+        self.ack, self.window, self.ack_timeout_s = bool(ack), max(int(window), 1), float(ack_timeout_s)
+        self.acked: dict[str, str] = {}
+        self.resent = 0
+        self._peer: bytes | None = None
+        self._unacked: OrderedDict[bytes, list] = OrderedDict()  # msg_id -> [frames, last sent (0: due), times sent]
+        keys = None
+        if curve_secret_file is not None:
+            from zmq import auth as zmq_auth
+
+            try:
+                keys = zmq_auth.load_certificate(str(curve_secret_file))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{curve_secret_file}: cannot read the CURVE certificate ({exc})") from exc
+            if keys[1] is None:
+                raise ConfigError(f"{curve_secret_file}: not a secret certificate (use the .key_secret file)")
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.XPUB)
+        self._sock = self._ctx.socket(zmq.ROUTER if self.ack else zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, int(sndhwm))
         self._sock.setsockopt(zmq.LINGER, int(linger_ms))
-        self._sock.setsockopt(zmq.XPUB_NODROP, 1)
+        if self.ack:
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished agent fails, not vanishes
+        else:
+            self._sock.setsockopt(zmq.XPUB_NODROP, 1)
+        if keys is not None:
+            self._sock.curve_server = True
+            self._sock.curve_publickey, self._sock.curve_secretkey = keys
         try:
             self._sock.bind(endpoint)
         except zmq.ZMQError as exc:
             self._sock.close(linger=0)
-            raise PublishError(endpoint, f"cannot bind the replay XPUB socket ({exc})") from exc
+            raise PublishError(endpoint, f"cannot bind the replay {'ROUTER' if self.ack else 'XPUB'} socket "
+                                         f"({exc})") from exc
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.subscribers = 0  # subscription messages seen
+        self.subscribers = 0  # subscription messages seen (ack mode: agents that said ready)
 
     def wait_for_subscriber(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` until a subscriber has subscribed to this feed's topic
         (``scan.<mode>``, or a prefix of it). True if one did; frames sent before are lost."""
         topic = f"scan.{self.mode}".encode()
         deadline = time.monotonic() + max(timeout_s, 0.0)
+        if self.ack:  # the agent's DEALER says ready
+            while self._peer is None:
+                left = int(max(deadline - time.monotonic(), 0) * 1000)
+                if not self._pump(left) and time.monotonic() >= deadline:
+                    return False
+            self.subscribers += 1
+            return True
         while True:
             left = int(max(deadline - time.monotonic(), 0) * 1000)
             if not self._sock.poll(left, zmq.POLLIN):
@@ -235,6 +298,97 @@ class ReplayFeed:
             arr = make_unique_array(arr, index)
         frames = encode_array_message(arr, meta)
         return frames, hashlib.sha256(frames[-1]).hexdigest()
+
+    # ------------------------------------------------------------------ ack mode
+    def _pump(self, timeout_ms: int) -> bool:
+        """Ack mode: take the agent's messages (ready, ack) for up to ``timeout_ms``, send again what
+        timed out. True if a message came."""
+        got = False
+        if self._sock.poll(max(int(timeout_ms), 0), zmq.POLLIN):
+            while True:
+                try:
+                    msg = self._sock.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                got = True
+                peer, kind, rest = msg[0], msg[1] if len(msg) > 1 else b"", msg[2:]
+                if kind == b"ready" and peer != self._peer:
+                    self._peer = peer  # a new (or restarted) agent: everything not acknowledged goes again
+                    for item in self._unacked.values():
+                        item[1] = 0.0
+                elif kind == b"ack" and rest:
+                    if self._unacked.pop(rest[0], None) is not None:
+                        self.acked[rest[0].decode("ascii", "replace")] = (
+                            rest[1].decode("ascii", "replace") if len(rest) > 1 else "")
+        now = time.monotonic()
+        for msg_id, item in self._unacked.items():
+            if self._peer is None:
+                break
+            if item[1] == 0.0 or now - item[1] >= self.ack_timeout_s:
+                if not self._send_to_peer(msg_id, item):
+                    break
+        return got
+
+    def _send_to_peer(self, msg_id: bytes, item: list) -> bool:
+        try:
+            self._sock.send_multipart([self._peer, b"frame", msg_id, *item[0]], flags=zmq.NOBLOCK)
+        except zmq.Again:  # its queue is full: later
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self._peer = None  # gone (killed?): wait for the next ready, then send everything again
+            for it in self._unacked.values():
+                it[1] = 0.0
+            return False
+        item[1] = time.monotonic()
+        if item[2]:
+            self.resent += 1
+        item[2] += 1
+        return True
+
+    def _send_acked(self, index: int, frames: list[bytes], stop: threading.Event | None) -> bool:
+        """Queue one frame for the agent (waits while ``window`` frames are unacknowledged)."""
+        deadline = time.monotonic() + self.send_timeout_s
+        n_acked = len(self.acked)
+        while len(self._unacked) >= self.window:
+            if stop is not None and stop.is_set():
+                return False
+            self._pump(20)
+            if len(self.acked) != n_acked:
+                n_acked, deadline = len(self.acked), time.monotonic() + self.send_timeout_s
+            if time.monotonic() > deadline:
+                return False
+        msg_id = str(index).encode("ascii")
+        item = [frames, 0.0, 0]
+        self._unacked[msg_id] = item
+        if self._peer is not None:
+            self._send_to_peer(msg_id, item)
+        self._pump(0)
+        return True
+
+    def wait_acked(self, timeout_s: float | None = None, stop: threading.Event | None = None) -> bool:
+        """Ack mode: wait until every frame sent is acknowledged (sending again what times out).
+
+        Waits at most ``timeout_s`` (default ``send_timeout_s``) without any acknowledgement coming
+        in. True if all are acknowledged."""
+        limit = self.send_timeout_s if timeout_s is None else float(timeout_s)
+        deadline = time.monotonic() + limit
+        n = len(self.acked)
+        while self._unacked:
+            if stop is not None and stop.is_set():
+                return False
+            self._pump(50)
+            if len(self.acked) != n:
+                n, deadline = len(self.acked), time.monotonic() + limit
+            if time.monotonic() > deadline:
+                return False
+        return True
+
+    @property
+    def unacked(self) -> int:
+        """Ack mode: frames sent and not acknowledged yet."""
+        return len(self._unacked)
 
     def _send(self, frames: list[bytes], stop: threading.Event | None) -> bool:
         """Send, waiting while the subscriber's queue is full (XPUB_NODROP). False if given up."""
@@ -293,7 +447,7 @@ class ReplayFeed:
                         break
                 else:
                     time.sleep(wait)
-            if not self._send(frames, stop):
+            if not (self._send_acked(index, frames, stop) if self.ack else self._send(frames, stop)):
                 log.warning("replay: frame %d (%s) given up: the subscriber's queue stayed full", index, path.name)
                 index += 1
                 continue
@@ -303,6 +457,8 @@ class ReplayFeed:
             index += 1
             if on_sent is not None:
                 on_sent(item)
+        if self.ack and not self.wait_acked(stop=stop):
+            log.warning("replay: %d frame(s) not acknowledged by the agent", len(self._unacked))
         return sent
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -38,19 +39,27 @@ def replay(
                                           "subscribe before sending (0 = do not wait)."),
     channel: str = typer.Option("Z", "--channel", help="Channel sent in array mode."),
     direction: str = typer.Option("forward", "--direction", help="forward | backward (array mode)."),
+    ack: bool = typer.Option(False, "--ack/--no-ack", help="Acknowledged mode (the agent's controller.ack: "
+                             "true): ROUTER socket; every frame is kept and sent again until the agent "
+                             "acknowledges it, so a killed agent loses nothing."),
+    curve_secret: Optional[Path] = typer.Option(None, "--curve-secret", help="Serve with CURVE using this "
+                                                "zmq.auth secret certificate (controller.key_secret); the agent "
+                                                "pins the public key (controller.curve_server_key)."),
 ) -> None:
     """Replay a folder of scans as the STM controller would publish them (a simulated controller).
 
     Binds ENDPOINT, waits for the agent to subscribe, then publishes one frame every INTERVAL
     seconds on scan.sxm / scan.array / scan.saved (see docs/sources.md). Prints each frame sent
-    (index, file, sha256) and a summary. Ctrl-C stops early.
+    (index, file, sha256) and a summary. Ctrl-C stops early. With --ack it waits at the end until
+    the agent has acknowledged every frame (sending again what it did not).
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if mode not in MODES:
         _fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     try:
         feed = ReplayFeed(folder, endpoint, mode=mode, interval_s=interval, count=count,  # type: ignore[arg-type]
-                          unique=unique, channel=channel, direction=direction)
+                          unique=unique, channel=channel, direction=direction, ack=ack,
+                          curve_secret_file=curve_secret)
     except StmAgentError as e:
         _fail(e)
         return
@@ -80,3 +89,11 @@ def replay(
         for name, why in feed.skipped.items():
             err_console.print(f"[yellow]skipped[/] {name}: {why}", soft_wrap=True)
     console.print(f"sent [bold]{len(sent)}[/] frame(s), {len({f.frame_id for f in sent})} distinct")
+    if ack:
+        states = {}
+        for v in feed.acked.values():
+            states[v] = states.get(v, 0) + 1
+        console.print(f"acknowledged {len(feed.acked)} ({', '.join(f'{k} {v}' for k, v in sorted(states.items()))}); "
+                      f"sent again {feed.resent}; not acknowledged {feed.unacked}")
+        if feed.unacked:
+            raise typer.Exit(code=1)
