@@ -51,6 +51,9 @@ class Arrival:
         ``payload`` holds raw array bytes described by ``meta`` (``scan.array`` header).
     payload : bytes | None
         The received bytes (kinds ``sxm`` and ``array``).
+    data : bytes | None
+        ``kind == "file"``: the file's bytes as the source read them (safely, once, to hash them),
+        so that the worker need not read the file again; None when not kept. Never stored.
     meta : dict
         The feed's JSON header (kind ``array``: shape, dtype, channel, direction, pixel_size_nm,
         bias_V, setpoint_A ...; any kind: an optional ``name`` for logs and result files).
@@ -67,6 +70,7 @@ class Arrival:
     kind: ArrivalKind = "file"
     payload: bytes | None = field(default=None, repr=False)
     meta: dict[str, Any] = field(default_factory=dict)
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:

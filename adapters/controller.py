@@ -22,8 +22,10 @@ Topics (:mod:`adapters.arrayscan`):
 * ``scan.array``: header describes the raw array payload -> ``Arrival(kind="array")``. The header is
   checked here with :func:`adapters.arrayscan.validate_array_header`, the same check the agent's
   :func:`adapters.arrayscan.scan_from_array` makes, so what is accepted here can be read there.
-* ``scan.saved``: header ``{"path": ...}`` -> the file is hashed -> ``Arrival(kind="file")``; a file
-  that cannot be read gives an error Arrival (recorded, not lost).
+* ``scan.saved``: header ``{"path": ...}`` -> the file is read safely (:mod:`adapters.files`: it must
+  resolve inside the acquisition roots, be a regular file, bounded) and hashed ->
+  ``Arrival(kind="file")``; a file that is refused or cannot be read gives an error Arrival
+  (recorded, not lost, counted in ``stats()["refused"]`` / ``errors``).
 
 frame_id = sha256 of the payload (or file) bytes. Structurally malformed messages are counted per
 reason in ``stats()["malformed"]`` and logged at most once per 10 s per reason; nothing a peer
@@ -66,10 +68,11 @@ import zmq
 
 from stm_agent.adapters.arrayscan import TOPICS, ArrayHeaderError, validate_array_header
 from stm_agent.adapters.arrival import Arrival, now_utc
-from stm_agent.adapters.folder import sha256_file
+from stm_agent.adapters.files import Roots, read_regular
 from stm_agent.adapters.ratelog import RateLimitedLog, clip
+from stm_agent.adapters.sxm import MAX_FILE_BYTES
 from stm_agent.agent.config import ControllerConfig
-from stm_agent.agent.errors import PublishError, StmAgentError
+from stm_agent.agent.errors import PublishError, RefusedPathError, StmAgentError
 
 __all__ = ["ControllerSource", "READY_EVERY_S", "effective_rcvhwm", "curve_client_keys"]
 
@@ -143,6 +146,9 @@ class ControllerSource:
         out: its ``submit`` checks the store once.
     context : zmq.Context, optional
         Defaults to ``zmq.Context.instance()``.
+    roots : Roots, optional
+        Folders ``scan.saved`` paths must resolve into (the agent passes the acquisition roots);
+        None = any path (regular files only, bounded).
 
     Notes
     -----
@@ -161,8 +167,10 @@ class ControllerSource:
     name = "controller"
 
     def __init__(self, cfg: ControllerConfig, submit: Callable[[Arrival], None],
-                 known: Callable[[str], bool] = lambda fid: False, context: zmq.Context | None = None):
+                 known: Callable[[str], bool] = lambda fid: False, context: zmq.Context | None = None,
+                 roots: Roots | None = None):
         self.cfg = cfg
+        self.roots = roots
         self.endpoint = cfg.endpoint
         self._submit = submit
         self._known = known
@@ -178,7 +186,7 @@ class ControllerSource:
         self._lock = threading.Lock()
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._counts = {"received": 0, "submitted": 0, "duplicates": 0, "submit_errors": 0, "submit_retries": 0,
-                        "unstored": 0, "acked": 0, "errors": 0}
+                        "unstored": 0, "acked": 0, "errors": 0, "refused": 0}
         self._malformed: dict[str, int] = {}
         self._rl = RateLimitedLog(log, _LOG_EVERY_S)
 
@@ -385,18 +393,21 @@ class ControllerSource:
         path = Path(raw)
         received_at, mono = now_utc(), time.monotonic()
         try:
-            if not path.is_file():
-                raise FileNotFoundError(2, "no such file" if not path.exists() else "not a regular file")
-            fid, size = sha256_file(path)
-        except OSError as exc:
-            reason = f"controller scan.saved: cannot read {raw} ({exc.strerror or exc})"
+            data, _ = read_regular(path, self.roots, MAX_FILE_BYTES)
+        except (OSError, RefusedPathError) as exc:
+            refused = isinstance(exc, RefusedPathError)
+            why = exc.reason if refused else (exc.strerror or str(exc))
+            reason = f"controller scan.saved: {'refused' if refused else 'cannot read'} {raw[:300]} ({why})"
             log.warning("%s", reason)
+            if refused:
+                self._count("refused")
             fid = hashlib.sha256(b"missing:" + raw.encode("utf-8", "surrogateescape")).hexdigest()
             return self._hand_on(Arrival(path=path, frame_id=fid, size=0, received_at=received_at,
                                          received_mono=mono, error=reason, source=self.name, kind="file",
                                          meta=header))
-        return self._hand_on(Arrival(path=path, frame_id=fid, size=size, received_at=received_at, received_mono=mono,
-                              source=self.name, kind="file", meta=header))
+        return self._hand_on(Arrival(path=path, frame_id=hashlib.sha256(data).hexdigest(), size=len(data),
+                                     received_at=received_at, received_mono=mono, source=self.name, kind="file",
+                                     meta=header, data=data))
 
     def _hand_on(self, item: Arrival) -> str:
         fid = item.frame_id

@@ -12,6 +12,15 @@ early gives a truncated frame. A file is therefore handed on only when complete:
 * a file still incomplete ``complete_timeout_s`` after it was first seen is handed on as an error
   (``Arrival.error = "incomplete after N s ..."``) and the source moves on.
 
+Files are opened safely (:mod:`adapters.files`): a path must resolve inside the acquisition roots
+(``acquisition.folder`` and ``acquisition.roots``; a symlink leading out is refused), be a regular
+file (a FIFO or device named ``x.sxm`` is refused at once, without blocking), and be at most
+:data:`adapters.sxm.MAX_FILE_BYTES`. A refused file is handed on as an error Arrival (logged,
+counted in ``stats()["refused"]``, recorded by the agent) and the source goes on.
+
+Each complete file is read once (bounded) and hashed once; the bytes travel with the Arrival
+(``Arrival.data``) so the agent's worker need not read the file again.
+
 Identity is the sha256 of the file bytes: the same content is handed on once, whatever its name
 (a copy under a new name is skipped), and content the store already knows (``known(frame_id)``) is
 skipped, which makes the catch-up on start (files that arrived while the agent was down) cheap and
@@ -42,32 +51,26 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from stm_agent.adapters.arrival import Arrival
-from stm_agent.adapters.sxm import expected_file_size
+from stm_agent.adapters.files import Roots, open_regular, read_regular, sha256_file  # noqa: F401 - old home of sha256_file
+from stm_agent.adapters.sxm import MAX_FILE_BYTES, expected_size, read_header_prefix
 from stm_agent.agent.config import AcquisitionConfig
-from stm_agent.agent.errors import ConfigError, ScanFormatError
+from stm_agent.agent.errors import ConfigError, RefusedPathError, ScanFormatError
 
-__all__ = ["Arrival", "FolderSource", "sha256_file", "OUTPUT_MARK"]
+__all__ = ["Arrival", "FolderSource", "sha256_file", "OUTPUT_MARK", "acquisition_roots"]
 
 log = logging.getLogger(__name__)
 
 OUTPUT_MARK = ".stm-agent."  # result files written next to scans carry this; never treated as scans
 
 
-def sha256_file(path: str | Path) -> tuple[str, int]:
-    """sha256 (hex) and byte size of a file, read in 1 MiB blocks.
+def acquisition_roots(cfg: AcquisitionConfig) -> Roots:
+    """The folders scan files may be read from: ``cfg.folder`` and ``cfg.roots``."""
+    return Roots([cfg.folder, *cfg.roots], "acquisition roots")
 
-    Raises
-    ------
-    OSError
-        The file cannot be read.
-    """
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            n += len(block)
-    return h.hexdigest(), n
+
+def refused_id(path: str | Path) -> str:
+    """frame_id of a refused path (stable: a restart does not record it again)."""
+    return hashlib.sha256(b"refused:" + os.fsencode(os.fspath(path))).hexdigest()
 
 
 @dataclass
@@ -113,6 +116,8 @@ class FolderSource:
         Queue to put arrivals into (default: a new unbounded queue, :attr:`queue`).
     check_interval_s : float
         How often pending files are checked, s.
+    roots : Roots, optional
+        Folders files must resolve into (default :func:`acquisition_roots` of ``cfg``).
 
     Raises
     ------
@@ -123,9 +128,11 @@ class FolderSource:
     name = "folder"
 
     def __init__(self, cfg: AcquisitionConfig, known: Callable[[str], bool] = lambda fid: False,
-                 out: queue.Queue | None = None, check_interval_s: float = 0.1):
+                 out: queue.Queue | None = None, check_interval_s: float = 0.1, roots: Roots | None = None):
         self.cfg = cfg
         self.folder = Path(cfg.folder)
+        self.roots = roots if roots is not None else acquisition_roots(cfg)
+        self.refused = 0  # files refused (not regular, outside the roots, too large)
         self.known = known
         self.queue: queue.Queue[Arrival] = out if out is not None else queue.Queue()
         self.check_interval_s = float(check_interval_s)
@@ -183,7 +190,7 @@ class FolderSource:
     def stats(self) -> dict:
         """Counters for the heartbeat: folder, files pending completion, observer state."""
         return {"folder": str(self.folder), "pending": len(self.pending()), "observer_alive": self.observer_alive,
-                "observer_restarts": self.restarts}
+                "observer_restarts": self.restarts, "refused": self.refused}
 
     def pending(self) -> list[Path]:
         """Files noticed but not yet handed on (incomplete, or not checked yet)."""
@@ -217,7 +224,7 @@ class FolderSource:
     def _walk(self, folder: Path) -> list[Path]:
         it = folder.rglob("*") if self.cfg.recursive else folder.glob("*")
         try:
-            return [p for p in it if self._matches(p) and p.is_file()]
+            return [p for p in it if self._matches(p) and (p.is_symlink() or not p.is_dir())]
         except OSError as exc:
             log.warning("%s: cannot list the folder (%s)", folder, exc)
             return []
@@ -227,31 +234,21 @@ class FolderSource:
         return st.st_size, st.st_mtime_ns
 
     def _catch_up(self) -> None:
-        """Files already in the folder: those the store does not know are processed (by sha256)."""
+        """Files already in the folder become pending; those whose content the store knows are
+        skipped when they are read (:meth:`_hand_on`), so each is read and hashed once."""
         files = self._walk(self.folder)
-        files.sort(key=lambda p: p.stat().st_mtime_ns if p.exists() else 0)
         now = time.monotonic()
-        n_new = 0
-        for p in files:
-            if self._stop.is_set():
-                return
-            try:
-                st = p.stat()
-                if not self.cfg.catch_up:
-                    self._done[p] = self._sig(st)
-                    continue
-                fid, _ = sha256_file(p)
-            except OSError as exc:
-                log.warning("%s: cannot read it during catch-up (%s)", p, exc)
-                continue
-            if self.known(fid):
-                self._done[p] = self._sig(st)
-                continue
-            n_new += 1
-            with self._lock:
-                self._pending.setdefault(p, _Pending(first_seen=now, catch_up=True))
+        with self._lock:
+            for p in files:
+                if self.cfg.catch_up:
+                    self._pending.setdefault(p, _Pending(first_seen=now, catch_up=True))
+                else:
+                    try:
+                        self._done[p] = self._sig(os.stat(p))
+                    except OSError:
+                        pass
         if self.cfg.catch_up:
-            log.info("catch-up: %d file(s) in %s, %d not processed yet", len(files), self.folder, n_new)
+            log.info("catch-up: %d file(s) in %s to check against the store", len(files), self.folder)
 
     def _loop(self) -> None:
         try:
@@ -296,36 +293,48 @@ class FolderSource:
                     self._pending.pop(path, None)
 
     def _verdict(self, path: Path, st: _Pending, now: float) -> str | None:
-        """None = keep waiting; "gone"; "complete"; or an error reason (never completed)."""
+        """None = keep waiting; "gone"; "complete"; "refused: <why>"; or an error reason (never completed).
+
+        The file is opened safely (never blocks, never follows a symlink out of the roots) and
+        its size and header are read from the open descriptor.
+        """
         try:
-            s = path.stat()
+            fd, s = open_regular(path, self.roots, MAX_FILE_BYTES)
         except FileNotFoundError:
             return "gone"
-        except OSError as exc:
-            log.warning("%s: cannot stat (%s)", path, exc)
-            return None
-        sig = self._sig(s)
-        if self._done.get(path) == sig:
-            return "gone"  # unchanged since it was handed on or skipped
-        if sig != st.last_sig:
-            st.last_sig, st.last_change = sig, now
-        stable = now - st.last_change >= self.cfg.settle_s
-        size = sig[0]
-        expected: int | None = None
-        if path.suffix.lower() == ".sxm":
+        except RefusedPathError as exc:
             try:
-                expected = expected_file_size(path)
-            except ScanFormatError:
-                if stable:  # cannot become valid: let the reader say why
-                    return "complete"
-                expected = -1
-            except FileNotFoundError:
+                if self._done.get(path) == self._sig(os.lstat(path)):
+                    return "gone"  # refused already, unchanged
+            except OSError:
                 return "gone"
-            if expected is not None and expected >= 0:
-                if size == expected or (size > expected and stable):
-                    return "complete"
-        elif stable:
-            return "complete"
+            return f"refused: {exc.reason}"
+        try:
+            sig = self._sig(s)
+            if self._done.get(path) == sig:
+                return "gone"  # unchanged since it was handed on or skipped
+            if sig != st.last_sig:
+                st.last_sig, st.last_change = sig, now
+            stable = now - st.last_change >= self.cfg.settle_s
+            size = sig[0]
+            expected: int | None = None
+            if path.suffix.lower() == ".sxm":
+                try:
+                    expected = expected_size(read_header_prefix(fd), name=str(path))
+                except ScanFormatError:
+                    if stable:  # cannot become valid: let the reader say why
+                        return "complete"
+                    expected = -1
+                except OSError as exc:
+                    log.warning("%s: cannot read its header (%s)", path, exc.strerror or exc)
+                    return None
+                if expected is not None and expected >= 0:
+                    if size == expected or (size > expected and stable):
+                        return "complete"
+            elif stable:
+                return "complete"
+        finally:
+            os.close(fd)
         waited = now - st.first_seen
         if waited >= self.cfg.complete_timeout_s:
             if expected is None and path.suffix.lower() == ".sxm":
@@ -338,32 +347,59 @@ class FolderSource:
         return None
 
     def _hand_on(self, path: Path, st: _Pending, error: str | None) -> bool:
-        """Hash and queue the file (or skip it as a duplicate). False = keep it pending."""
+        """Read (once, safely, bounded), hash and queue the file, or skip it as a duplicate.
+        False = keep it pending."""
+        data: bytes | None = None
+        if error is not None and error.startswith("refused: "):
+            return self._refuse(path, st, error[len("refused: "):])
         try:
-            before = path.stat()
-            fid, size = sha256_file(path)
-            after = path.stat()
+            data, before = read_regular(path, self.roots, MAX_FILE_BYTES)
+            after = os.stat(path)  # as the descriptor's fstat: follows a symlink inside the roots
         except FileNotFoundError:
             return True
+        except RefusedPathError as exc:
+            return self._refuse(path, st, exc.reason)
         except OSError as exc:
             log.warning("%s: cannot read it (%s); will retry on its next change", path, exc)
             return True
         if error is None and self._sig(before) != self._sig(after):
-            return False  # changed while hashing: not complete after all
+            return False  # changed while reading: not complete after all
+        fid, size = hashlib.sha256(data).hexdigest(), len(data)
         if fid in self._handed or self.known(fid):
             self._done[path] = self._sig(after)
-            log.info("%s: skipped, same content (sha256 %s) already processed", path, fid[:12])
+            (log.debug if st.catch_up else log.info)("%s: skipped, same content (sha256 %s) already processed",
+                                                      path, fid[:12])
             return True
         item = Arrival(path=path, frame_id=fid, size=size, received_at=datetime.now(timezone.utc),
-                       received_mono=time.monotonic(), error=error, catch_up=st.catch_up)
+                       received_mono=time.monotonic(), error=error, catch_up=st.catch_up,
+                       data=data if error is None else None)
         if error:
             log.warning("%s: %s", path, error)
+        return self._queue(item, path, after)
+
+    def _refuse(self, path: Path, st: _Pending, reason: str) -> bool:
+        """Hand on a refused file as an error Arrival (logged, counted), once per change of it."""
+        try:
+            sig = self._sig(os.lstat(path))
+        except FileNotFoundError:
+            return True
+        fid = refused_id(path)
+        if fid in self._handed or self.known(fid):
+            self._done[path] = sig
+            return True
+        self.refused += 1
+        reason = f"refused: {reason}"
+        log.error("%s: %s", path, reason)
+        item = Arrival(path=path, frame_id=fid, size=0, received_at=datetime.now(timezone.utc),
+                       received_mono=time.monotonic(), error=reason, catch_up=st.catch_up)
+        return self._queue(item, path, os.lstat(path))
+
+    def _queue(self, item: Arrival, path: Path, after: os.stat_result) -> bool:
         try:
             self.queue.put(item)
         except Exception as exc:  # noqa: BLE001 - the inbox is full/locked: keep the file pending, retry
             log.error("%s: cannot queue it (%s); will retry", path, exc)
             return False
         self._done[path] = self._sig(after)
-        self._handed.add(fid)
+        self._handed.add(item.frame_id)
         return True
-

@@ -16,13 +16,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from stm_agent.adapters.files import Roots, read_regular
 from stm_agent.agent.domain import Scan
-from stm_agent.agent.errors import ImageFormatError
+from stm_agent.agent.errors import ImageFormatError, RefusedPathError
 
 __all__ = ["read_image", "IMAGE_SUFFIXES"]
 
 #: Suffixes (lower case) read by :func:`read_image`.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: Largest image file accepted, bytes (a render of a scan is a few MB).
+MAX_IMAGE_BYTES = 256 << 20
 
 
 def _pixel_size(pixel_size_nm: float | tuple[float, float], source: str) -> tuple[float, float]:
@@ -61,7 +64,8 @@ def _luminance(img: np.ndarray, source: str) -> np.ndarray:
     raise ImageFormatError(source, f"unsupported number of colour channels: {c}")
 
 
-def read_image(path: str | Path, pixel_size_nm: float | tuple[float, float], *, channel: str = "Z") -> Scan:
+def read_image(path: str | Path, pixel_size_nm: float | tuple[float, float], *, channel: str = "Z",
+               roots: Roots | None = None) -> Scan:
     """Read a PNG/JPG/TIFF/BMP render of a scan as a :class:`Scan` with one forward frame.
 
     Parameters
@@ -72,6 +76,9 @@ def read_image(path: str | Path, pixel_size_nm: float | tuple[float, float], *, 
         Pixel size in nm, square or ``(dx, dy)``.
     channel : str
         Name given to the single channel (default ``"Z"``).
+    roots : Roots, optional
+        Folders the file must resolve into (:func:`adapters.files.read_regular`: regular files
+        only, at most :data:`MAX_IMAGE_BYTES`).
 
     Returns
     -------
@@ -91,7 +98,9 @@ def read_image(path: str | Path, pixel_size_nm: float | tuple[float, float], *, 
     source = str(path)
     dx, dy = _pixel_size(pixel_size_nm, source)
     try:
-        data = path.read_bytes()
+        data, _ = read_regular(path, roots, MAX_IMAGE_BYTES)
+    except RefusedPathError as exc:
+        raise ImageFormatError(source, exc.reason) from exc
     except OSError as exc:
         raise ImageFormatError(source, f"cannot read the file ({exc.strerror or exc})") from exc
     if not data:

@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stm_agent.adapters.arrival import Arrival, now_utc
-from stm_agent.adapters.folder import sha256_file
-from stm_agent.adapters.sxm import expected_file_size
+from stm_agent.adapters.files import Roots, read_regular
+from stm_agent.adapters.sxm import MAX_FILE_BYTES, expected_file_size
 from stm_agent.agent.config import NanonisConfig
-from stm_agent.agent.errors import ScanFormatError, StmAgentError
+from stm_agent.agent.errors import RefusedPathError, ScanFormatError, StmAgentError
 
 __all__ = ["NanonisSource", "NanonisClient", "NanonisError", "WaitResult", "HEADER_SIZE",
            "pack_header", "parse_wait_reply"]
@@ -53,6 +53,13 @@ HEADER_SIZE = 40
 _HEADER = struct.Struct(">32siHH")
 MAX_BODY = 1 << 20  # a WaitEndOfScan reply holds a path and an error text; more means a lost stream
 _SLICE_S = 0.2  # socket timeout slice: how quickly a blocked read notices stop()
+_LOG_CHARS = 300  # longest Nanonis text (error description, path) put into a log line
+_BACKOFF_START_S = 0.05  # first pause after a reply that came back early (timed out at once, or an error)
+
+
+def _short(text: str, n: int = _LOG_CHARS) -> str:
+    """``text`` cut to ``n`` characters for logs, saying how long it was."""
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
 
 
 class NanonisError(StmAgentError):
@@ -212,12 +219,19 @@ class NanonisSource:
     complete_wait_s : float
         Longest wait for a reported file to reach the size its header announces; after that an
         error Arrival (``"incomplete after N s ..."``) is submitted.
+    roots : Roots, optional
+        Folders reported paths must resolve into (the agent passes the acquisition roots); a path
+        elsewhere, a FIFO or a device is refused at once (error Arrival, ``refused``). None = any
+        path (regular files only, bounded).
 
     Notes
     -----
     ``stats()``: ``address``, ``alive``, ``connected``, ``scans`` (files submitted), ``errors``
     (error replies, protocol errors, files that never completed), ``reconnects`` (connections
-    made after a lost or failed one), ``timeouts``, ``duplicates``, ``submit_errors``.
+    made after a lost or failed one), ``timeouts``, ``duplicates``, ``submit_errors``, ``refused``
+    (paths outside the roots, not regular files), ``backoffs`` (pauses after replies that came
+    back long before the requested timeout: a Nanonis that answers "timed out" at once would
+    otherwise be asked thousands of times a second).
     The path Nanonis reports must be readable on this computer (run the agent on the Nanonis PC or
     map the same path).
     """
@@ -225,8 +239,10 @@ class NanonisSource:
     name = "nanonis"
 
     def __init__(self, cfg: NanonisConfig, submit: Callable[[Arrival], None],
-                 known: Callable[[str], bool] = lambda fid: False, complete_wait_s: float = 10.0):
+                 known: Callable[[str], bool] = lambda fid: False, complete_wait_s: float = 10.0,
+                 roots: Roots | None = None):
         self.cfg = cfg
+        self.roots = roots
         self.address = f"{cfg.host}:{cfg.port}"
         self._submit = submit
         self._known = known
@@ -236,7 +252,8 @@ class NanonisSource:
         self._lock = threading.Lock()
         self._connected = False
         self._state = "init"  # init | connected | down: logged on change only
-        self._counts = {"scans": 0, "errors": 0, "reconnects": 0, "timeouts": 0, "duplicates": 0, "submit_errors": 0}
+        self._counts = {"scans": 0, "errors": 0, "reconnects": 0, "timeouts": 0, "duplicates": 0, "submit_errors": 0,
+                        "refused": 0, "backoffs": 0}
 
     def start(self) -> None:
         """Start the thread (no-op when running)."""
@@ -290,10 +307,20 @@ class NanonisSource:
                 self._stop.wait(self.cfg.reconnect_s)
                 continue
             self._set_state("connected")
+            pause = 0.0
             try:
                 while not self._stop.is_set():
+                    t0 = time.monotonic()
                     reply = client.wait_end_of_scan(timeout_ms)
+                    early = (reply.timed_out or reply.error_status != 0) and \
+                        time.monotonic() - t0 < 0.5 * self.cfg.wait_timeout_s
                     self._on_reply(reply)
+                    if early:  # back off exponentially, up to the timeout asked for
+                        pause = min(max(2 * pause, _BACKOFF_START_S), max(self.cfg.wait_timeout_s, _BACKOFF_START_S))
+                        self._count("backoffs")
+                        self._stop.wait(pause)
+                    else:
+                        pause = 0.0
             except (NanonisError, OSError) as exc:
                 if self._stop.is_set():
                     break
@@ -315,7 +342,8 @@ class NanonisSource:
     def _on_reply(self, reply: WaitResult) -> None:
         if reply.error_status != 0:
             self._count("errors")
-            log.error("nanonis: Scan.WaitEndOfScan returned error %d: %s", reply.error_status, reply.error or "(no description)")
+            log.error("nanonis: Scan.WaitEndOfScan returned error %d: %s", reply.error_status,
+                      _short(reply.error) if reply.error else "(no description)")
             return
         if reply.timed_out:
             self._count("timeouts")
@@ -334,7 +362,7 @@ class NanonisSource:
                 size = path.stat().st_size
                 if path.suffix.lower() != ".sxm":
                     return None
-                expected = expected_file_size(path)
+                expected = expected_file_size(path, self.roots)
                 if expected is not None and size >= expected:
                     return None  # larger than announced: the reader says why
             except FileNotFoundError:
@@ -353,30 +381,41 @@ class NanonisSource:
         return f"incomplete after {self.complete_wait_s:.0f} s: {size} of the {expected} bytes its header announces"
 
     def _hand_on(self, path: Path) -> None:
-        error = self._wait_complete(path)
+        shown = _short(str(path))
+        data: bytes | None = None
+        error: str | None = None
         try:
-            fid, size = sha256_file(path)
-        except OSError as exc:
-            error = error or f"cannot read it ({exc.strerror or exc})"
-            fid, size = hashlib.sha256(b"missing:" + str(path).encode("utf-8", "surrogateescape")).hexdigest(), 0
+            if self.roots is not None:
+                self.roots.resolve(path)
+            error = self._wait_complete(path)
+            data, _ = read_regular(path, self.roots, MAX_FILE_BYTES)
+            fid, size = hashlib.sha256(data).hexdigest(), len(data)
+        except (OSError, RefusedPathError) as exc:
+            if isinstance(exc, RefusedPathError):
+                self._count("refused")
+                error = f"refused ({exc.reason})"
+            else:
+                error = error or f"cannot read it ({exc.strerror or exc})"
+            fid, size, data = hashlib.sha256(b"missing:" + str(path).encode("utf-8", "surrogateescape")).hexdigest(), 0, None
         if error:
-            error = f"nanonis reported {path}: {error}"
+            error = f"nanonis reported {shown}: {error}"
             log.warning("%s", error)
             self._count("errors")
         try:
             if self._known(fid):
                 self._count("duplicates")
-                log.info("nanonis: %s skipped, same content (sha256 %s) already processed", path.name, fid[:12])
+                log.info("nanonis: %s skipped, same content (sha256 %s) already processed", _short(path.name), fid[:12])
                 return
         except Exception as exc:  # noqa: BLE001
-            log.warning("nanonis: cannot check %s against the store (%s)", path.name, exc)
+            log.warning("nanonis: cannot check %s against the store (%s)", _short(path.name), exc)
         item = Arrival(path=path, frame_id=fid, size=size, received_at=now_utc(), received_mono=time.monotonic(),
-                       error=error, source=self.name, kind="file", meta={"name": path.name})
+                       error=error, source=self.name, kind="file", meta={"name": path.name[:255]},
+                       data=data if not error else None)
         try:
             self._submit(item)
         except Exception as exc:  # noqa: BLE001 - store full/locked: log, count, go on
             self._count("submit_errors")
-            log.error("nanonis: %s could not be submitted: %s", path.name, exc)
+            log.error("nanonis: %s could not be submitted: %s", _short(path.name), exc)
             return
         if not error:
             self._count("scans")

@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from stm_agent.adapters.files import FILE_MODE, Roots, write_new
 from stm_agent.agent.domain import OTHER, FrameResult
 
 # Colour-blind-safe palette (Okabe & Ito 2008), BGR for OpenCV; `other` is always grey.
@@ -123,11 +124,21 @@ def render_overlay(result: FrameResult, image: np.ndarray, pixel_size_nm: tuple[
 
 
 def write_result_files(result: FrameResult, out_dir: Path, stem: str, *, write_json: bool = True,
-                       write_overlay: bool = True) -> list[Path]:
+                       write_overlay: bool = True, roots: Roots | None = None, make_dirs: bool = True) -> list[Path]:
     """Write ``<stem>.stm-agent.json`` and ``<stem>.stm-agent.png`` into ``out_dir``.
 
     The JSON is ``result.to_json()``. The overlay needs ``result.image`` (the flattened frame) and
-    the pixel size in ``result.scan["pixel_size_nm"]``; it is skipped for error results.
+    the pixel size in ``result.scan["pixel_size_nm"]``; it is skipped for error results. Each file
+    is written with :func:`adapters.files.write_new`: atomically (temporary name, then rename),
+    never through a symlink planted at either name, mode 0640.
+
+    Parameters
+    ----------
+    roots : Roots, optional
+        Write roots ``out_dir`` must resolve into (the agent's results folders and acquisition
+        roots); None = ``out_dir`` was given explicitly (``--out``, or next to a scan a user named).
+    make_dirs : bool
+        Create ``out_dir`` when missing (inside ``roots`` only, when given).
 
     Returns
     -------
@@ -136,23 +147,23 @@ def write_result_files(result: FrameResult, out_dir: Path, stem: str, *, write_j
 
     Raises
     ------
+    RefusedPathError
+        ``out_dir`` is outside ``roots``, or missing and may not be created.
     OSError
         ``out_dir`` cannot be created or written.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if write_json:
-        p = out_dir / f"{stem}.stm-agent.json"
-        tmp = p.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result.to_json(), indent=1), encoding="utf-8")
-        tmp.replace(p)  # atomic: a reader never sees half a file
-        written.append(p)
+        blob = json.dumps(result.to_json(), indent=1).encode("utf-8")
+        written.append(write_new(out_dir, f"{stem}.stm-agent.json", blob, roots=roots, make_dirs=make_dirs,
+                                 mode=FILE_MODE))
     if write_overlay and result.status == "ok" and result.image is not None:
         px = tuple(result.scan.get("pixel_size_nm") or (1.0, 1.0))
         png = render_overlay(result, result.image, (float(px[0]), float(px[1])))
-        p = out_dir / f"{stem}.stm-agent.png"
-        if not cv2.imwrite(str(p), png):
-            raise OSError(f"{p}: could not write the overlay PNG")
-        written.append(p)
+        ok, buf = cv2.imencode(".png", png)
+        if not ok:
+            raise OSError(f"{out_dir / (stem + '.stm-agent.png')}: could not encode the overlay PNG")
+        written.append(write_new(out_dir, f"{stem}.stm-agent.png", buf.tobytes(), roots=roots,
+                                 make_dirs=make_dirs, mode=FILE_MODE))
     return written

@@ -43,6 +43,8 @@ from stm_agent.agent.match import RefEmbeddings
 from stm_agent.agent.normalise import crop_windows, frame_range, make_poses, to_grey
 from stm_agent.models.base import Encoder
 
+#: Largest reference crop file loaded, bytes (a crop is a few KB to a few MB).
+MAX_REFERENCE_BYTES = 64 << 20
 _SPECIES_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 
@@ -70,8 +72,28 @@ class ReferenceEntry:
     provenance: dict[str, Any]
 
     def load(self) -> np.ndarray:
-        """The crop, float32 ``(h, w)``, physical units."""
-        return np.load(self.path).astype(np.float32)
+        """The crop, float32 ``(h, w)``, physical units.
+
+        Raises
+        ------
+        ReferenceLibraryError
+            The file is not a plain numeric 2-D ``.npy`` (a pickled object array is never loaded:
+            ``allow_pickle=False``), is damaged, or is larger than :data:`MAX_REFERENCE_BYTES`.
+        """
+        try:
+            if self.path.stat().st_size > MAX_REFERENCE_BYTES:
+                raise ReferenceLibraryError(f"{self.path}: reference crop file is larger than {MAX_REFERENCE_BYTES} bytes")
+            a = np.load(self.path, allow_pickle=False)
+        except ValueError as exc:  # numpy: "Object arrays cannot be loaded when allow_pickle=False", bad header
+            why = "it holds pickled Python objects, which are never loaded" if "pickle" in str(exc) else f"not a valid .npy ({exc})"
+            raise ReferenceLibraryError(f"{self.path}: reference crop refused: {why}; add the reference again "
+                                        "with `stm-agent refs add`") from None
+        except (OSError, EOFError) as exc:
+            raise ReferenceLibraryError(f"{self.path}: cannot read the reference crop ({exc})") from None
+        if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype.kind not in "fiu":
+            raise ReferenceLibraryError(f"{self.path}: reference crop must be a numeric 2-D array, got "
+                                        f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+        return a.astype(np.float32)
 
 
 def _sha256(path: Path) -> str:

@@ -64,7 +64,7 @@ from stm_agent.adapters.arrayscan import (
     encode_saved_message,
     encode_sxm_message,
 )
-from stm_agent.adapters.folder import sha256_file
+from stm_agent.adapters.files import sha256_file
 from stm_agent.adapters.sxm import END_TAG, read_sxm
 from stm_agent.agent.errors import ConfigError, PublishError, ScanFormatError
 

@@ -37,17 +37,21 @@ from datetime import datetime
 from pathlib import Path
 import numpy as np
 
+from stm_agent.adapters.files import Roots, open_regular
 from stm_agent.agent.domain import Scan
-from stm_agent.agent.errors import EmptyScanError, ScanFormatError
+from stm_agent.agent.errors import EmptyScanError, RefusedPathError, ScanFormatError
 
 __all__ = [
     "read_sxm",
     "expected_size",
     "expected_file_size",
     "parse_header",
+    "read_header_prefix",
     "MAX_HEADER_BYTES",
     "MAX_SIDE_PX",
     "MAX_DATA_BYTES",
+    "MAX_FILE_BYTES",
+    "RANGE_LIMITS_M",
 ]
 
 MAGIC = b":NANONIS_VERSION:"
@@ -57,8 +61,15 @@ MARKER = b"\x1a\x04"
 MAX_HEADER_BYTES = 1 << 20
 #: Largest SCAN_PIXELS side accepted (Nanonis allows at most 16384 pixels per line).
 MAX_SIDE_PX = 65536
-#: Largest data block accepted, bytes (2 GiB: the file is held in memory once).
-MAX_DATA_BYTES = 2 << 30
+#: Largest data block accepted, bytes (1 GiB, e.g. 8192 x 8192 px x 4 frames: the bytes are held in
+#: memory once and each frame is copied once to native float32, so a frame costs about twice this).
+MAX_DATA_BYTES = 1 << 30
+#: Largest file accepted, bytes (checked on the open descriptor before anything is read).
+MAX_FILE_BYTES = MAX_DATA_BYTES + MAX_HEADER_BYTES + 64
+#: SCAN_RANGE accepted per side, m (1 pm .. 1 m; beyond, nm values overflow or mean nothing).
+RANGE_LIMITS_M = (1e-12, 1.0)
+#: |SCAN_OFFSET| accepted, m.
+MAX_OFFSET_M = 1.0
 #: How far after ``:SCANIT_END:`` the ``\x1a\x04`` marker may start (real files: 3 bytes, ``\n\n\n``).
 _MARKER_SEARCH = 64
 
@@ -84,8 +95,8 @@ def _find_header_end(prefix: bytes, source: str) -> int | None:
             raise ScanFormatError(source, "not a Nanonis .sxm scan: this is a Nanonis grid spectroscopy (.3ds) file")
         if prefix.startswith(b"Experiment\t") or prefix.startswith(b"[DATA]"):
             raise ScanFormatError(source, "not a Nanonis .sxm scan: this is a Nanonis spectrum (.dat) file")
-        shown = prefix[:24].decode("latin-1").encode("unicode_escape").decode("ascii")
-        raise ScanFormatError(source, f"not a Nanonis .sxm scan: it starts with {shown!r}, not ':NANONIS_VERSION:'")
+        # never quote the bytes: the file may be a secret reached through a symlink (issue 15)
+        raise ScanFormatError(source, "not a Nanonis .sxm scan: it does not start with ':NANONIS_VERSION:'")
     end = prefix.find(END_TAG, 0, MAX_HEADER_BYTES + len(END_TAG))
     if end < 0:
         if len(prefix) >= MAX_HEADER_BYTES:
@@ -232,12 +243,23 @@ class _Layout:
 
 
 def _header_and_layout(prefix: bytes, source: str) -> tuple[int, dict[str, str], _Layout] | None:
+    """``(data start, header, layout)`` from the first bytes, or None while the header is incomplete."""
     start = _find_header_end(prefix, source)
     if start is None:
         return None
     end = prefix.find(END_TAG)
     header = parse_header(_decode(prefix[:end]))
     return start, header, _Layout(header, source)
+
+
+def _typed(source: str, what: str, fn, *args):
+    """Call ``fn``; an untyped parsing error becomes a ScanFormatError naming ``source``."""
+    try:
+        return fn(*args)
+    except ScanFormatError:
+        raise
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeError) as exc:  # defensive
+        raise ScanFormatError(source, f"malformed {what} ({type(exc).__name__}: {exc})") from exc
 
 
 def expected_size(prefix: bytes, *, name: str | None = None) -> int | None:
@@ -263,46 +285,68 @@ def expected_size(prefix: bytes, *, name: str | None = None) -> int | None:
         SCAN_PIXELS/DATA_INFO, absurd sizes.
     """
     source = name or "<bytes>"
-    try:
-        got = _header_and_layout(bytes(prefix), source)
-    except ScanFormatError:
-        raise
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeError) as exc:  # defensive
-        raise ScanFormatError(source, f"malformed header ({type(exc).__name__}: {exc})") from exc
+    got = _typed(source, "header", _header_and_layout, bytes(prefix), source)
     if got is None:
         return None
     start, _, layout = got
     return start + layout.data_bytes
 
 
-def _read_prefix(path: Path) -> bytes:
-    """Read just enough of ``path`` to cover the header (at most MAX_HEADER_BYTES + a little)."""
+def read_header_prefix(fd: int) -> bytes:
+    """Read from the open file ``fd`` just enough to cover the header (at most MAX_HEADER_BYTES + a
+    little; stops at once when the first bytes are not the .sxm magic).
+
+    Raises
+    ------
+    OSError
+        The read failed.
+    """
     buf = bytearray()
-    try:
-        with open(path, "rb") as f:
-            while len(buf) <= MAX_HEADER_BYTES + _MARKER_SEARCH:
-                chunk = f.read(_CHUNK)
-                if not chunk:
-                    break
-                buf += chunk
-                end = buf.find(END_TAG, max(0, len(buf) - len(chunk) - len(END_TAG)))
-                if (end >= 0 and len(buf) >= end + len(END_TAG) + _MARKER_SEARCH) or not MAGIC.startswith(bytes(buf[: len(MAGIC)])):
-                    break
-    except OSError as exc:
-        raise ScanFormatError(path, f"cannot read the file ({exc.strerror or exc})") from exc
+    while len(buf) <= MAX_HEADER_BYTES + _MARKER_SEARCH:
+        chunk = os.read(fd, _CHUNK)
+        if not chunk:
+            break
+        buf += chunk
+        end = buf.find(END_TAG, max(0, len(buf) - len(chunk) - len(END_TAG)))
+        if (end >= 0 and len(buf) >= end + len(END_TAG) + _MARKER_SEARCH) or not MAGIC.startswith(bytes(buf[: len(MAGIC)])):
+            break
     return bytes(buf)
 
 
-def expected_file_size(path: str | Path) -> int | None:
-    """:func:`expected_size` of a file on disk, reading only its header.
+def _open(path: Path, roots: Roots | None) -> tuple[int, os.stat_result]:
+    """:func:`adapters.files.open_regular` with the reader's errors (ScanFormatError for every refusal)."""
+    try:
+        return open_regular(path, roots, MAX_FILE_BYTES)
+    except RefusedPathError as exc:
+        raise ScanFormatError(path, exc.reason) from exc
+    except FileNotFoundError as exc:
+        raise ScanFormatError(path, f"cannot read the file ({exc.strerror or exc})") from exc
+
+
+def expected_file_size(path: str | Path, roots: Roots | None = None) -> int | None:
+    """:func:`expected_size` of a file on disk, reading only its header (opened safely, bounded).
+
+    Parameters
+    ----------
+    path : str | Path
+    roots : Roots, optional
+        Folders the file must resolve into (:class:`adapters.files.Roots`).
 
     Raises
     ------
     ScanFormatError
-        As :func:`expected_size`, or the file cannot be opened.
+        As :func:`expected_size`; or the file does not exist or cannot be opened, is not a regular file (FIFO,
+        device), lies outside ``roots`` or is larger than :data:`MAX_FILE_BYTES`.
     """
     path = Path(path)
-    return expected_size(_read_prefix(path), name=str(path))
+    fd, _ = _open(path, roots)
+    try:
+        prefix = read_header_prefix(fd)
+    except OSError as exc:
+        raise ScanFormatError(path, f"cannot read the file ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    return expected_size(prefix, name=str(path))
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -330,15 +374,18 @@ def _setpoint_A(header: dict[str, str]) -> float | None:
     return None
 
 
-def _load(data: bytes, source: str, frame_id: str) -> Scan:
-    start = _find_header_end(data, source)
-    if start is None:
+def _parsed(data: bytes, source: str) -> tuple[int, dict[str, str], _Layout]:
+    """The header of complete file bytes (ScanFormatError while it is incomplete)."""
+    got = _header_and_layout(data, source)
+    if got is None:
         if data.find(END_TAG) < 0:
             raise ScanFormatError(source, f"truncated or not an .sxm: no ':SCANIT_END:' in its {len(data)} bytes")
         raise ScanFormatError(source, "truncated: the file ends inside the header (no \\x1a\\x04 data marker)")
-    header = parse_header(_decode(data[: data.find(END_TAG)]))
-    layout = _Layout(header, source)
-    have = len(data) - start
+    return got
+
+
+def _check_size(have: int, layout: _Layout, source: str) -> None:
+    """ScanFormatError unless the data block has exactly the bytes the header promises."""
     if have != layout.data_bytes:
         if have == 0:
             why = "header only, no data"
@@ -354,11 +401,22 @@ def _load(data: bytes, source: str, frame_id: str) -> Scan:
             f"({layout.nx} x {layout.ny} px x {layout.n_frames} frames x 4 bytes)",
         )
 
+
+def _load(data: bytes, source: str, frame_id: str,
+          parsed: tuple[int, dict[str, str], _Layout] | None = None) -> Scan:
+    start, header, layout = parsed if parsed is not None else _parsed(data, source)
+    _check_size(len(data) - start, layout, source)
+
     rng = _floats(header, "SCAN_RANGE", 2, source, required=True)
     assert rng is not None
+    lo, hi = RANGE_LIMITS_M
     if not (rng[0] > 0 and rng[1] > 0):
         raise ScanFormatError(source, f":SCAN_RANGE: must be positive, got {rng}")
+    if not all(lo <= r <= hi for r in rng):
+        raise ScanFormatError(source, f":SCAN_RANGE: {rng[0]:g} x {rng[1]:g} m is outside {lo:g}..{hi:g} m per side")
     off = _floats(header, "SCAN_OFFSET", 2, source, required=False) or (0.0, 0.0)
+    if not all(abs(o) <= MAX_OFFSET_M for o in off):
+        raise ScanFormatError(source, f":SCAN_OFFSET: {off[0]:g}, {off[1]:g} m is beyond +-{MAX_OFFSET_M:g} m")
     ang = _floats(header, "SCAN_ANGLE", 1, source, required=False) or (0.0,)
     sdir = header.get("SCAN_DIR", "").strip().lower()
     direction = sdir if sdir in ("up", "down") else "unknown"
@@ -411,11 +469,14 @@ def _load(data: bytes, source: str, frame_id: str) -> Scan:
     )
 
 
-def read_sxm(source: str | Path | bytes, *, name: str | None = None) -> Scan:
+def read_sxm(source: str | Path | bytes, *, name: str | None = None, roots: Roots | None = None,
+             frame_id: str | None = None) -> Scan:
     """Read a Nanonis .sxm scan into a :class:`agent.domain.Scan`.
 
-    The bytes are read once; the header is checked against the file size before any array is
-    made; the data block is viewed with ``np.frombuffer`` and each frame copied once to native
+    A file is opened safely (:func:`adapters.files.open_regular`: regular files only, inside
+    ``roots`` when given, no symlink swapped in) and its header is read and checked first: a file
+    that is not an .sxm, or whose size differs from what its header promises, is refused before
+    the rest is read. The bytes are read once, hashed once and the header parsed once; the data block is viewed with ``np.frombuffer`` and each frame copied once to native
     float32 in display orientation (row 0 = top: up scans flipped vertically; backward frames
     un-mirrored with ``fliplr``).
 
@@ -425,6 +486,10 @@ def read_sxm(source: str | Path | bytes, *, name: str | None = None) -> Scan:
         Path of the file, or its raw bytes (e.g. from the ZeroMQ controller feed).
     name : str, optional
         Label of bytes input in errors and ``Scan.source`` (default ``"<bytes>"``); ignored for paths.
+    roots : Roots, optional
+        Folders a path must resolve into (symlinks leading out are refused); None = any path.
+    frame_id : str, optional
+        The sha256 of bytes input when the caller already has it (not hashed again).
 
     Returns
     -------
@@ -438,30 +503,49 @@ def read_sxm(source: str | Path | bytes, *, name: str | None = None) -> Scan:
     Raises
     ------
     ScanFormatError
-        Unreadable file, not an .sxm, truncated / over-long data block, invalid header (message
-        names the file and the reason).
+        Unreadable file, not a regular file, outside ``roots``, not an .sxm, truncated /
+        over-long data block, invalid or implausible header (message names the file and the
+        reason, never quotes its content).
     EmptyScanError
         Well-formed scan without any acquired line (subclass of ScanFormatError).
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         label = name or "<bytes>"
+        parsed = None
     else:
-        path = Path(source)
-        label = str(path)
-        try:
-            size = os.stat(path).st_size
-            if size > MAX_DATA_BYTES + MAX_HEADER_BYTES:
-                raise ScanFormatError(label, f"file has {size} bytes, more than an .sxm this reader accepts")
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise ScanFormatError(label, f"cannot read the file ({exc.strerror or exc})") from exc
-    frame_id = hashlib.sha256(data).hexdigest()
-    try:
-        return _load(data, label, frame_id)
-    except ScanFormatError:
-        raise
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeError) as exc:  # defensive
-        raise ScanFormatError(label, f"malformed file ({type(exc).__name__}: {exc})") from exc
+        label = str(source)
+        data, parsed = _read_file(Path(source), roots)
+    if frame_id is None:
+        frame_id = hashlib.sha256(data).hexdigest()
+    return _typed(label, "file", _load, data, label, frame_id, parsed)
 
+
+def _read_file(path: Path, roots: Roots | None) -> tuple[bytes, tuple[int, dict[str, str], _Layout] | None]:
+    """The bytes of an .sxm file, header first: nothing more is read unless the header is valid and
+    the file's size is the one it promises. Returns the bytes and the parsed header."""
+    label = str(path)
+    fd, st = _open(path, roots)
+    try:
+        prefix = read_header_prefix(fd)
+        parsed = _typed(label, "header", _header_and_layout, prefix, label)
+        if parsed is None:
+            return prefix, None  # the file ends inside its header: _load says why
+        start, _, layout = parsed
+        _check_size(st.st_size - start, layout, label)
+        want = start + layout.data_bytes
+        chunks, n = [prefix], len(prefix)
+        while n < want:
+            chunk = os.read(fd, min(want - n, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+        data = b"".join(chunks)
+        if os.read(fd, 1):
+            raise ScanFormatError(label, "the file grew while it was read (still being written?)")
+        return data, parsed
+    except OSError as exc:
+        raise ScanFormatError(label, f"cannot read the file ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)

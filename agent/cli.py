@@ -143,8 +143,14 @@ def recognize(
         console.print(f"[bold]{path.name}[/]  [dim]encoder {result.encoder_label}, "
                       f"{result.timings_ms.get('total', 0):.0f} ms, {result.scan.get('completeness', 1):.0%} of lines[/]")
         console.print(_counts_table(result.counts, n_edge))
-        files = write_result_files(result, out if out is not None else path.parent, path.stem,
-                                   write_json=True, write_overlay=True)
+        try:  # one unwritable folder does not stop the rest of the list
+            files = write_result_files(result, out if out is not None else path.parent, path.stem,
+                                       write_json=True, write_overlay=True)
+        except (OSError, StmAgentError) as e:
+            why = f"{e.filename or out or path.parent}: {e.strerror}" if isinstance(e, OSError) and e.strerror else str(e)
+            err_console.print(f"[red]not written[/] {why}")
+            failed += 1
+            continue
         for f in files:
             console.print(f"  wrote {f}")
     if failed:

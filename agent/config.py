@@ -23,10 +23,17 @@ class _Strict(BaseModel):
 
 
 class AcquisitionConfig(_Strict):
-    """The folder source: where new scans arrive and how the folder is watched."""
+    """The folder source: where new scans arrive and how the folder is watched.
+
+    ``folder`` and ``roots`` are the *acquisition roots*: the only folders scan files are read from
+    (folder source, ``scan.saved`` paths, Nanonis ``WaitEndOfScan`` paths) and, with the results
+    folders, the only ones result files are written into. A path resolving elsewhere (``..``, a
+    symlink leading out) is refused with a counted error.
+    """
 
     enabled: bool = True
     folder: Path = Path("./acquisition")
+    roots: list[Path] = []
     patterns: list[str] = ["*.sxm"]
     recursive: bool = False
     polling: bool = False
@@ -137,12 +144,15 @@ class EncoderConfig(_Strict):
 
     ``name: auto`` chooses between candidates (pixel + clip with ``model_dir``, else pixel +
     zernike) with UniMR's adaptive selection; ``select`` says whether per frame (``per_frame``) or
-    once per session on the first frame with >= 2 objects (``once``).
+    once per session on the first frame with >= 2 objects (``once``). ``model_sha256`` pins the
+    sha256 of the ONNX file: ``model.json`` in the same folder only proves integrity, the pin
+    proves it is the model this configuration was made for.
     """
 
     name: Literal["pixel", "clip", "zernike", "auto"] = "pixel"
     select: Literal["per_frame", "once"] = "per_frame"
     model_dir: Path | None = None
+    model_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     batch_size: int = Field(64, ge=1)
     threads: int = Field(0, ge=0)
 

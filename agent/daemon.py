@@ -66,12 +66,13 @@ from pathlib import Path
 from typing import Any
 
 from stm_agent.adapters.arrival import Arrival, Source
+from stm_agent.adapters.files import Roots
 from stm_agent.adapters.ratelog import RateLimitedLog
 from stm_agent.adapters.store import ResultStore
 from stm_agent.adapters.zmq_io import Publisher
 from stm_agent.agent.config import AgentConfig
 from stm_agent.agent.domain import FrameResult, Scan
-from stm_agent.agent.errors import ScanFormatError, StmAgentError
+from stm_agent.agent.errors import RefusedPathError, ScanFormatError, StmAgentError
 
 __all__ = ["Agent", "install_signal_handlers", "MAX_ATTEMPTS"]
 
@@ -168,6 +169,12 @@ class Agent:
             self.recognizer = recognizer
             self.spool_dir = Path(cfg.results.spool_dir) if cfg.results.spool_dir is not None else (
                 (self.store.path.parent if self.store.path is not None else Path(".")) / "spool")
+            # Where scans may be read from, and where anything may be written (issue 15).
+            acq = [cfg.acquisition.folder, *cfg.acquisition.roots]
+            self.read_roots = Roots(acq, "acquisition roots")
+            store_dir = self.store.path.parent if self.store.path is not None else None
+            self.write_roots = Roots([store_dir, cfg.results.out_dir, self.spool_dir, cfg.references.folder, *acq],
+                                     "write roots (store folder, results.out_dir, spool, references, acquisition roots)")
             self.sources: list[Source] = list(sources) if sources is not None else self._make_sources()
             p = cfg.publish
             self.publisher = Publisher(p.endpoint, sndhwm=p.sndhwm, linger_ms=p.linger_ms, agent_id=cfg.agent_id,
@@ -182,6 +189,7 @@ class Agent:
         self._ran = False
         self.frames_done = 0
         self.errors = 0
+        self.refused_writes = 0  # result files not written: their folder is outside the write roots
         self.last_frame_id: str | None = None
         self.last_frame_at: str | None = None
         self.last_frame_seq = self.store.last_frame_seq()
@@ -247,6 +255,8 @@ class Agent:
         if new:
             if arrival.payload is not None:
                 self._keep_payload(arrival.frame_id, arrival.payload)
+            elif arrival.data is not None and arrival.error is None:  # file bytes the source read (once)
+                self._keep_payload(arrival.frame_id, arrival.data)
             self._wake.set()
         else:
             log.info("%s: skipped, frame %s already recorded or waiting", arrival.name, arrival.frame_id[:12])
@@ -393,12 +403,16 @@ class Agent:
         if kind == "file":
             from stm_agent.adapters.scanfile import read_scan
 
-            return read_scan(path)
+            data = self._take_payload(row["frame_id"])  # read, checked and hashed by the source
+            if data is not None and str(path).lower().endswith(".sxm"):
+                return read_scan(path, data=data, frame_id=row["frame_id"])
+            return read_scan(path, roots=self.read_roots)
         payload = self._take_payload(row["frame_id"])  # received in this run: not read back from the spool
         if kind == "sxm":
             from stm_agent.adapters.sxm import read_sxm
 
-            scan = read_sxm(payload if payload is not None else path, name=path)
+            scan = read_sxm(payload if payload is not None else path, name=path,
+                            frame_id=row["frame_id"] if payload is not None else None)
             scan.source = f"controller:{row['meta'].get('name') or row['frame_id'][:12]}"
             return scan
         from stm_agent.adapters.arrayscan import scan_from_array
@@ -638,12 +652,17 @@ class Agent:
         path = Path(row["path"]) if row["path"] else self.spool_dir / row["frame_id"]
         out_dir = Path(rc.out_dir) if rc.out_dir is not None else path.parent
         stem = path.stem if row["kind"] == "file" else Path(self._name(row)).stem + "." + row["frame_id"][:12]
-        try:
-            from stm_agent.adapters.outputs import write_result_files
+        from stm_agent.adapters.outputs import write_result_files
 
-            return write_result_files(result, out_dir, stem, write_json=rc.write_json, write_overlay=rc.write_overlay)
-        except Exception as exc:  # noqa: BLE001 - results are in the store and on the socket anyway
-            log.error("%s: cannot write the result files into %s (%s)", path, out_dir, exc)
+        try:  # only inside the write roots; a configured out_dir may be created, nothing else
+            return write_result_files(result, out_dir, stem, write_json=rc.write_json, write_overlay=rc.write_overlay,
+                                      roots=self.write_roots, make_dirs=rc.out_dir is not None)
+        except RefusedPathError as exc:
+            self.refused_writes += 1
+            log.error("%s: result files not written: %s", path, exc)
+            return []
+        except OSError as exc:  # results are in the store and on the socket anyway
+            log.error("%s: cannot write the result files into %s (%s)", path, out_dir, exc.strerror or exc)
             return []
 
     def _publish(self, topic: str, message: dict[str, Any]) -> dict[str, Any]:
@@ -666,15 +685,16 @@ class Agent:
         if cfg.acquisition.enabled:
             from stm_agent.adapters.folder import FolderSource
 
-            out.append(FolderSource(cfg.acquisition, known=self.store.has, out=_Inlet(self.submit)))
+            out.append(FolderSource(cfg.acquisition, known=self.store.has, out=_Inlet(self.submit),
+                                    roots=self.read_roots))
         if cfg.controller.enabled:
             from stm_agent.adapters.controller import ControllerSource
 
-            out.append(ControllerSource(cfg.controller, self.submit))
+            out.append(ControllerSource(cfg.controller, self.submit, roots=self.read_roots))
         if cfg.nanonis.enabled:
             from stm_agent.adapters.nanonis_tcp import NanonisSource
 
-            out.append(NanonisSource(cfg.nanonis, self.submit, self.store.has))
+            out.append(NanonisSource(cfg.nanonis, self.submit, self.store.has, roots=self.read_roots))
         if not out:
             log.warning("no source enabled (acquisition, controller, nanonis): the agent only processes what "
                         "is left in its inbox")
@@ -694,6 +714,7 @@ class Agent:
             "uptime_s": round(time.monotonic() - self._t_start, 3),
             "frames_done": self.frames_done,
             "errors": self.errors,
+            "refused_writes": self.refused_writes,
             "queue_depth": self.store.pending_count(),
             "pending": len(folder.pending()) if folder is not None else 0,
             "last_frame_id": self.last_frame_id,

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from stm_agent.agent.errors import MissingChannelError
+
 Direction = Literal["forward", "backward"]
 ScanDirection = Literal["up", "down", "unknown"]
 OTHER = "other"  # species name of objects that match no reference above the threshold
@@ -107,14 +109,15 @@ class Scan:
 
         Raises
         ------
-        KeyError
-            With the list of available channels, if ``channel``/``direction`` is absent.
+        MissingChannelError
+            (a ScanFormatError and a KeyError) with the list of available channels, if
+            ``channel``/``direction`` is absent.
         """
         try:
             return self.channels[channel][direction]
         except KeyError:
             have = {k: sorted(v) for k, v in self.channels.items()}
-            raise KeyError(f"{self.source}: no channel {channel!r} {direction}; the scan has {have}") from None
+            raise MissingChannelError(self.source, f"no channel {channel!r} {direction}; the scan has {have}") from None
 
     def px_to_nm(self, x_px: np.ndarray | float, y_px: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         """Convert pixel coordinates to the controller's frame in nm (where to send the tip).

@@ -84,3 +84,33 @@ class PublishError(StmAgentError):
         self.source = str(source)
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
+
+
+class RefusedPathError(StmAgentError):
+    """A path the agent was asked to read or write is refused: outside the configured roots, a
+    symlink leading out of them, not a regular file (FIFO, device, directory), or too large.
+
+    Attributes
+    ----------
+    source : str
+        The path as given (never the file's content).
+    reason : str
+        Why it is refused.
+    """
+
+    def __init__(self, source: str | Path, reason: str):
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}")
+
+
+class ScanGeometryError(ScanFormatError):
+    """A readable scan whose geometry makes recognition impossible or unbounded (e.g. a SCAN_RANGE so
+    small that the reference window spans more pixels than allowed)."""
+
+
+class MissingChannelError(ScanFormatError, KeyError):
+    """The scan has no such channel/direction (a KeyError too, for callers that look it up by key)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return f"{self.source}: {self.reason}"

@@ -8,10 +8,18 @@ corners that a rotation would bring in; outside it the crop is filled with the m
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
 from stm_agent.agent.config import NormaliseConfig
+from stm_agent.agent.errors import ScanGeometryError
+
+#: Largest crop window side, pixels, cut from a frame before it is resampled to ``size_px``. A
+#: larger window means a pixel size far below what the reference window was made for (e.g. a
+#: SCAN_RANGE of 1e-11 m): cutting it would take gigabytes for a crop of 64 x 64 pixels.
+MAX_WINDOW_PX = 4096
 
 
 def circular_mask(size_px: int) -> np.ndarray:
@@ -55,11 +63,21 @@ def crop_windows(
     ------
     ValueError
         Non-positive window or pixel size, or ``centres_px`` not ``(N, 2)``.
+    ScanGeometryError
+        The window spans more than :data:`MAX_WINDOW_PX` pixels at this pixel size (checked before
+        anything is allocated), or a value is not finite.
     """
     dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
     if not (window_nm > 0 and dx > 0 and dy > 0):
         raise ValueError(f"window_nm and pixel size must be positive, got {window_nm}, {pixel_size_nm}")
+    side_x, side_y = window_nm / dx, window_nm / dy  # floats: may be inf for absurd pixel sizes
+    if not (math.isfinite(side_x) and math.isfinite(side_y)) or max(side_x, side_y) > MAX_WINDOW_PX:
+        raise ScanGeometryError(
+            "crop window", f"the {window_nm:.3g} nm reference window is {side_x:.3g} x {side_y:.3g} px at a pixel "
+            f"size of {dx:.3g} x {dy:.3g} nm: more than {MAX_WINDOW_PX} px (is the scan range in the header right?)")
     cen = np.asarray(centres_px, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(cen).all():
+        raise ScanGeometryError("crop window", "an object centre is not a finite pixel position")
     img = np.asarray(image, dtype=np.float32)
     finite = np.isfinite(img)
     if not finite.all():

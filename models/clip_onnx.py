@@ -60,6 +60,8 @@ class ClipOnnxEncoder:
         64 crops = 38 MB of float32).
     providers : list[str] | None
         onnxruntime execution providers; default :func:`available_providers`.
+    expected_sha256 : str | None
+        sha256 (hex) the ONNX file must have (``encoder.model_sha256``); None = trust ``model.json``.
 
     Attributes
     ----------
@@ -75,13 +77,14 @@ class ClipOnnxEncoder:
     ------
     ModelError
         Missing/invalid ``model.json``, missing ONNX file, sha256 of the ONNX file different from
-        the one in ``model.json`` (file replaced or corrupted), or onnxruntime cannot load it.
+        the one in ``model.json`` (file replaced or corrupted) or from ``expected_sha256`` (the
+        pin of ``encoder.model_sha256``), or onnxruntime cannot load it.
     """
 
     name = "clip"
 
     def __init__(self, model_dir: str | Path, threads: int = 0, batch_size: int = 64,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, expected_sha256: str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model_dir = Path(model_dir)
@@ -95,6 +98,12 @@ class ClipOnnxEncoder:
                 onnx_path,
                 f"sha256 {digest[:12]}... differs from {self.meta.onnx_sha256[:12]}... recorded in "
                 "model.json: the file was replaced or corrupted; export the model again",
+            )
+        if expected_sha256 is not None and digest != expected_sha256.lower():
+            raise ModelError(
+                onnx_path,
+                f"sha256 {digest[:12]}... differs from encoder.model_sha256 {expected_sha256[:12]}... pinned in the "
+                "configuration: not the model this configuration was made for",
             )
         self.sha256 = digest
         self.batch_size = int(batch_size)

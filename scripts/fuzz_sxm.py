@@ -1,17 +1,23 @@
 #!/usr/bin/env python
-"""Fuzz adapters.sxm with mutated real scans for a fixed time; print inputs tried and crashes.
+"""Fuzz adapters.sxm and the recogniser with mutated real scans for a fixed time; print inputs and crashes.
 
-A crash is any exception other than ScanFormatError (untyped errors must never escape). Each input
-is a real file from ../shared/data/sxm with 1-3 stacked mutations: truncation, byte flips in header
-or data, deletion of a header key, absurd or random SCAN_PIXELS, junk inserted into the header,
-duplicated/removed DATA_INFO rows, changed Direction column. Crashing inputs are saved to --out.
+A crash is any exception other than a typed stm-agent error (StmAgentError: ScanFormatError from
+the reader, ScanGeometryError / MissingChannelError from the pipeline); a result whose JSON holds a
+NaN or an infinity (published as null, which the message schema rejects) counts as a crash too.
+Each input is a real file from ../shared/data/sxm with 1-3 stacked mutations: truncation, byte
+flips in header or data, deletion of a header key, absurd or random SCAN_PIXELS, junk inserted into
+the header, duplicated/removed DATA_INFO rows, changed Direction column, extreme but finite numbers
+in SCAN_RANGE / SCAN_OFFSET / SCAN_ANGLE / BIAS, renamed channels. With ``--pipeline`` (default)
+every input that reads is also recognised (:class:`agent.pipeline.Recognizer`, pixel encoder, one
+reference species cut from a real scan). Crashing inputs are saved to --out.
 
-Usage: python scripts/fuzz_sxm.py [--seconds 180] [--seed 0] [--out DIR]
+Usage: python scripts/fuzz_sxm.py [--seconds 180] [--seed 0] [--out DIR] [--no-pipeline]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import re
 import resource
@@ -25,8 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 from stm_agent.adapters.sxm import expected_size, read_sxm  # noqa: E402
-from stm_agent.agent.errors import ScanFormatError  # noqa: E402
+from stm_agent.agent.errors import ScanFormatError, StmAgentError  # noqa: E402
 
+_EXTREME = [b"1e300 1e300", b"1e-300 1e-300", b"1e-11 1e-11", b"5e-324 1e-9", b"1.7976931348623157e308 1",
+            b"-1e300 1e300", b"0 0", b"1e-9", b"1e308 1e-308", b"3e-8 3e-8", b"1 1", b"1e-12 1e-12"]
 _KEY = re.compile(rb"^:[^\n\t]*:\n", re.M)
 
 
@@ -34,7 +42,8 @@ def mutate(b: bytes, rng: random.Random) -> tuple[bytes, str]:
     """One random mutation of ``b``; returns the new bytes and its kind."""
     end = b.find(b":SCANIT_END:")
     head_end = end if end > 0 else min(len(b), 4096)
-    kind = rng.choice(["truncate", "flip_header", "flip_data", "delete_key", "pixels", "insert", "direction", "row", "marker"])
+    kind = rng.choice(["truncate", "flip_header", "flip_data", "delete_key", "pixels", "insert", "direction", "row",
+                       "marker", "numbers", "numbers", "channel"])
     n = len(b)
     if n == 0:
         return b"\x1a", "empty"
@@ -68,9 +77,31 @@ def mutate(b: bytes, rng: random.Random) -> tuple[bytes, str]:
             return b, kind
         row = m.group(2)
         return b[: m.end(1)] + rng.choice([row * 2, b"", row[:5] + b"\n", row.replace(b"\t", b" ")]) + b[m.end(2) :], kind
+    if kind == "numbers":
+        key = rng.choice([b"SCAN_RANGE", b"SCAN_OFFSET", b"SCAN_ANGLE", b"BIAS", b"ACQ_TIME"])
+        val = rng.choice(_EXTREME)
+        return re.sub(rb"(:" + key + rb":\n)[^\n]*", lambda m: m.group(1) + val, b, count=1), kind
+    if kind == "channel":
+        return b.replace(b"\tZ\t", rng.choice([b"\tY\t", b"\tz\t", b"\t\t"]), 1), kind
     if kind == "marker":
         return b.replace(b"\x1a\x04", rng.choice([b"\x1a", b"", b"\x1a\x05", b"\x1a\x04\x1a\x04"]), 1), kind
     raise AssertionError(kind)
+
+
+def _recognizer(data: Path):
+    """A Recognizer (pixel encoder) with one reference species cut from a real scan."""
+    from stm_agent.adapters.references import ReferenceLibrary
+    from stm_agent.agent.config import AgentConfig
+    from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at
+
+    scan = read_sxm(data / "au111_adsorbates_10nm_256_up.sxm")
+    cfg = AgentConfig()
+    cfg.references.folder = Path(tempfile.mkdtemp(prefix="fuzz_refs_"))
+    _, regions = detect(scan, cfg)
+    ref = next(r for r in regions if not r.touches_edge)
+    crop, ps, prov = reference_crop_at(scan, *ref.centroid_px, cfg, units="px")
+    ReferenceLibrary(cfg.references.folder).add("adsorbate", crop, ps, prov)
+    return Recognizer.from_config(cfg)
 
 
 def main() -> int:
@@ -79,12 +110,14 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "sxm")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "sxm_crashes")
+    ap.add_argument("--no-pipeline", dest="pipeline", action="store_false", help="only the reader")
     args = ap.parse_args()
     files = sorted(args.data.glob("*.sxm")) + sorted((args.data / "bad").glob("*"))
     if not files:
         print(f"no .sxm files in {args.data}", file=sys.stderr)
         return 2
     originals = [p.read_bytes() for p in files]
+    rec = _recognizer(args.data) if args.pipeline else None
     rng = random.Random(args.seed)
     tried = crashes = 0
     outcomes: Counter[str] = Counter()
@@ -104,9 +137,13 @@ def main() -> int:
                 expected_size(data)
             except ScanFormatError:
                 pass
-            read_sxm(data, name="fuzz")
+            scan = read_sxm(data, name="fuzz")
             outcomes["read ok"] += 1
-        except ScanFormatError as exc:
+            if rec is not None:
+                res = rec.recognise(scan)
+                json.dumps(res.to_json(), allow_nan=False)  # NaN/inf would be published as null
+                outcomes["recognised"] += 1
+        except StmAgentError as exc:
             outcomes[type(exc).__name__] += 1
         except Exception as exc:  # noqa: BLE001 - that is what we are hunting
             crashes += 1
@@ -117,7 +154,7 @@ def main() -> int:
                 traceback.print_exc()
         slowest = max(slowest, time.perf_counter() - t0)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"seconds: {args.seconds:.0f}  seed: {args.seed}  source files: {len(files)}")
+    print(f"seconds: {args.seconds:.0f}  seed: {args.seed}  source files: {len(files)}  pipeline: {args.pipeline}")
     print(f"inputs tried: {tried}  ({tried / args.seconds:.0f}/s)")
     print(f"crashes (untyped exceptions): {crashes}")
     print("outcomes: " + ", ".join(f"{k} {v}" for k, v in outcomes.most_common()))

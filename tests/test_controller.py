@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from stm_agent.adapters.arrayscan import array_meta_from_scan, encode_array_message, encode_saved_message, encode_sxm_message, scan_from_array
 from stm_agent.adapters.controller import ControllerSource
-from stm_agent.adapters.folder import sha256_file
+from stm_agent.adapters.files import sha256_file
 from stm_agent.adapters.replay import ReplayFeed
 from stm_agent.adapters.sxm import read_sxm
 from stm_agent.agent.cli_feed import replay

@@ -49,7 +49,8 @@ def test_inbox_holds_work_on_disk_and_each_frame_once_from_two_sources(tmp_path,
     cfg = make_cfg(tmp_path, refs)
     cfg.acquisition.enabled = False
     agent = Agent(cfg)
-    files = [sxm_dir / SMALL, sxm_dir / OTHER, sxm_dir / REF_SCAN]
+    (tmp_path / "acq").mkdir()  # file frames are read from the acquisition roots only
+    files = [Path(shutil.copy(sxm_dir / n, tmp_path / "acq" / n)) for n in (SMALL, OTHER, REF_SCAN)]
     assert [agent.submit(arrival(f)) for f in files] == [True, True, True]
     assert agent.submit(arrival(sxm_dir / OTHER, source="controller", payload=True)) is False  # same sha256
     assert agent.store.pending_count() == 3

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from stm_agent.adapters.folder import sha256_file
+from stm_agent.adapters.files import sha256_file
 from stm_agent.adapters.nanonis_tcp import NanonisClient, NanonisError, NanonisSource, pack_header, parse_wait_reply
 from stm_agent.agent.config import NanonisConfig
 from tests.fake_nanonis import FakeNanonis, wait_reply_body

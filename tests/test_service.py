@@ -36,6 +36,7 @@ def test_controller_feed_in_message_out_row_stored(tmp_path, refs, sxm_dir, mode
     cfg.acquisition.enabled = False
     cfg.controller.enabled = True
     cfg.controller.endpoint = feed.endpoint
+    cfg.acquisition.roots = [tmp_path / "feed"]  # scan.saved paths must lie in the acquisition roots
     cfg.publish.query_endpoint = "tcp://127.0.0.1:*"
     run = Running(Agent(cfg))
     try:
@@ -83,6 +84,7 @@ def test_three_sources_at_once_each_frame_once(tmp_path, refs, sxm_dir):
         cfg = make_cfg(tmp_path, refs)
         cfg.controller.enabled, cfg.controller.endpoint = True, feed.endpoint
         cfg.nanonis.enabled, cfg.nanonis.port, cfg.nanonis.wait_timeout_s = True, nanonis.port, 0.2
+        cfg.acquisition.roots = [saved]  # where Nanonis saves: an acquisition root
         run = Running(Agent(cfg))
         try:
             assert feed.wait_for_subscriber(10)
