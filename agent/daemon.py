@@ -654,9 +654,12 @@ class Agent:
         stem = path.stem if row["kind"] == "file" else Path(self._name(row)).stem + "." + row["frame_id"][:12]
         from stm_agent.adapters.outputs import write_result_files
 
-        try:  # only inside the write roots; a configured out_dir may be created, nothing else
+        # Only inside the write roots; next to a scan only inside the acquisition roots (a refused
+        # path gets no file next to it); a configured out_dir may be created, nothing else.
+        roots = self.read_roots if rc.out_dir is None and row["kind"] == "file" else self.write_roots
+        try:
             return write_result_files(result, out_dir, stem, write_json=rc.write_json, write_overlay=rc.write_overlay,
-                                      roots=self.write_roots, make_dirs=rc.out_dir is not None)
+                                      roots=roots, make_dirs=rc.out_dir is not None)
         except RefusedPathError as exc:
             self.refused_writes += 1
             log.error("%s: result files not written: %s", path, exc)

@@ -112,3 +112,14 @@ def test_registry(tiny_model):
         make_encoder(EncoderConfig(name="clip"), norm)
     assert set(make_encoders(EncoderConfig(name="auto", model_dir=tiny_model), norm)) == {"pixel", "clip"}
     assert set(make_encoders(EncoderConfig(name="auto"), norm)) == {"pixel", "zernike"}
+
+
+def test_model_sha256_pinned_in_the_config(tiny_model):
+    """Issue 15: model.json proves integrity only; encoder.model_sha256 pins the model itself."""
+    digest = json.loads((tiny_model / "model.json").read_text())["onnx_sha256"]
+    norm = NormaliseConfig(size_px=64)
+    assert make_encoder(EncoderConfig(name="clip", model_dir=tiny_model, model_sha256=digest), norm).sha256 == digest
+    with pytest.raises(ModelError, match="pinned"):
+        make_encoder(EncoderConfig(name="clip", model_dir=tiny_model, model_sha256="0" * 64), norm)
+    with pytest.raises(ValueError):
+        EncoderConfig(model_sha256="not-a-sha")
