@@ -51,7 +51,8 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from stm_agent.adapters.arrival import Arrival
-from stm_agent.adapters.files import Roots, open_regular, read_regular, sha256_file  # noqa: F401 - old home of sha256_file
+from stm_agent.adapters.files import (Roots, hash_regular, open_regular, read_regular,  # noqa: F401 - sha256_file:
+                                     sha256_file)  # its old home
 from stm_agent.adapters.sxm import MAX_FILE_BYTES, expected_size, read_header_prefix
 from stm_agent.agent.config import AcquisitionConfig
 from stm_agent.agent.errors import ConfigError, RefusedPathError, ScanFormatError
@@ -60,6 +61,9 @@ __all__ = ["Arrival", "FolderSource", "sha256_file", "OUTPUT_MARK", "acquisition
 
 log = logging.getLogger(__name__)
 
+#: Files up to this size are read whole (once) and their bytes handed to the worker with the
+#: Arrival; larger ones are hashed in a stream and read again by the worker.
+KEEP_BYTES = 256 << 20
 OUTPUT_MARK = ".stm-agent."  # result files written next to scans carry this; never treated as scans
 
 
@@ -353,7 +357,11 @@ class FolderSource:
         if error is not None and error.startswith("refused: "):
             return self._refuse(path, st, error[len("refused: "):])
         try:
-            data, before = read_regular(path, self.roots, MAX_FILE_BYTES)
+            if os.stat(path).st_size <= KEEP_BYTES:  # read once: these bytes go to the worker
+                data, before = read_regular(path, self.roots, MAX_FILE_BYTES)
+                fid, size = hashlib.sha256(data).hexdigest(), len(data)
+            else:  # too big to hold for the worker: stream the hash
+                fid, size, before = hash_regular(path, self.roots, MAX_FILE_BYTES)
             after = os.stat(path)  # as the descriptor's fstat: follows a symlink inside the roots
         except FileNotFoundError:
             return True
@@ -364,7 +372,6 @@ class FolderSource:
             return True
         if error is None and self._sig(before) != self._sig(after):
             return False  # changed while reading: not complete after all
-        fid, size = hashlib.sha256(data).hexdigest(), len(data)
         if fid in self._handed or self.known(fid):
             self._done[path] = self._sig(after)
             (log.debug if st.catch_up else log.info)("%s: skipped, same content (sha256 %s) already processed",
