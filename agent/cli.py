@@ -11,6 +11,7 @@
     stm-agent evaluate DATA --compare ...      precision / recall / F1 against labelled data
     stm-agent status                           what a running agent is doing
     stm-agent results export                   per-frame / per-object tables (csv, json, parquet)
+    stm-agent batch FOLDER... --out DIR        recount whole archives in parallel (resumable)
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from typing import Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from stm_agent.agent.cli_batch import batch
 from stm_agent.agent.cli_models import models_app
 from stm_agent.agent.cli_evaluate import evaluate
 from stm_agent.agent.cli_feed import replay
@@ -50,6 +53,7 @@ app.add_typer(results_app, name="results")
 app.command()(status)
 app.command()(replay)
 app.command()(evaluate)
+app.command()(batch)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -107,9 +111,27 @@ def _counts_table(counts: dict[str, int], n_edge: int) -> Table:
     return t
 
 
+def _expand_scans(paths: list[Path], images: bool) -> list[Path]:
+    """Files as given; folders replaced by their scans (recursive; .sxm, and images with --pixel-size)."""
+    from stm_agent.adapters.scanfile import SUPPORTED_SUFFIXES
+
+    suffixes = SUPPORTED_SUFFIXES if images else (".sxm",)
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+            if not found:
+                err_console.print(f"[yellow]no scan ({', '.join(suffixes)}) in folder[/] {escape(str(p))}")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
 @app.command()
 def recognize(
-    scans: list[Path] = typer.Argument(..., help="Nanonis .sxm scans (or PNG/JPG/TIFF images with --pixel-size)."),
+    scans: list[Path] = typer.Argument(..., help="Nanonis .sxm scans or folders of them (searched recursively), "
+                                       "or PNG/JPG/TIFF images with --pixel-size."),
     refs: Optional[Path] = RefsOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the JSON and PNG results "
                                        "(default: next to each scan)."),
@@ -120,7 +142,8 @@ def recognize(
                                               "below which an object is `other`."),
     channel: Optional[str] = typer.Option(None, "--channel", help="Channel to analyse (default Z)."),
 ) -> None:
-    """Count the species in SCANS against the reference library; write JSON + annotated PNG."""
+    """Count the species in SCANS (files or folders) against the reference library; write JSON +
+    annotated PNG; end with a summary table (one row per scan). For whole archives see `batch`."""
     from stm_agent.adapters.outputs import write_result_files
     from stm_agent.adapters.scanfile import read_scan
     from stm_agent.agent.pipeline import Recognizer
@@ -130,17 +153,20 @@ def recognize(
         rec = Recognizer.from_config(cfg, allow_empty=True)
     except StmAgentError as e:
         _fail(e)
+    paths = _expand_scans(scans, images=pixel_size is not None)
     failed = 0
-    for path in scans:
+    rows: list[tuple[str, dict[str, int] | None, str]] = []
+    for path in paths:
         try:
             scan = read_scan(path, pixel_size_nm=pixel_size)
             result = rec.recognise(scan)
         except StmAgentError as e:
-            err_console.print(f"[red]skipped[/] {e}")
+            err_console.print(f"[red]skipped[/] {escape(str(e))}")
+            rows.append((path.name, None, getattr(e, "reason", None) or str(e)))
             failed += 1
             continue
         n_edge = sum(1 for d in result.detections if d.touches_edge)
-        console.print(f"[bold]{path.name}[/]  [dim]encoder {result.encoder_label}, "
+        console.print(f"[bold]{escape(path.name)}[/]  [dim]encoder {escape(result.encoder_label)}, "
                       f"{result.timings_ms.get('total', 0):.0f} ms, {result.scan.get('completeness', 1):.0%} of lines[/]")
         console.print(_counts_table(result.counts, n_edge))
         try:  # one unwritable folder does not stop the rest of the list
@@ -152,9 +178,36 @@ def recognize(
             failed += 1
             continue
         for f in files:
-            console.print(f"  wrote {f}")
-    if failed:
+            console.print(f"  wrote {escape(str(f))}")
+        rows.append((path.name, dict(result.counts), ""))
+    if len(paths) > 1:
+        console.print(_summary_table(rows))
+    if failed or not paths:
         raise typer.Exit(code=1)
+
+
+def _summary_table(rows: list[tuple[str, dict[str, int] | None, str]]) -> Table:
+    """One row per scan: counts per species, total; unreadable scans with their reason; a total row."""
+    species: list[str] = []
+    for _, counts, _ in rows:
+        for s in counts or {}:
+            if s not in species:
+                species.append(s)
+    t = Table(title=f"{len(rows)} scans", title_justify="left")
+    t.add_column("scan")
+    for s in species:
+        t.add_column(escape(s), justify="right")
+    t.add_column("total", justify="right")
+    total = {s: 0 for s in species}
+    for name, counts, reason in rows:
+        if counts is None:
+            t.add_row(escape(name), *([""] * len(species)), f"[red]error: {escape(reason)}[/]")
+            continue
+        for s in species:
+            total[s] += counts.get(s, 0)
+        t.add_row(escape(name), *(str(counts.get(s, 0)) for s in species), str(sum(counts.values())))
+    t.add_row("[bold]all[/]", *(str(total[s]) for s in species), str(sum(total.values())))
+    return t
 
 
 @refs_app.command("add")
