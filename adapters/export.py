@@ -6,7 +6,7 @@ lets readers in while the agent writes).
 Table ``frames`` (one row per recorded frame, oldest first), columns in this order::
 
     frame_id, name, source, path, received_at, processed_at, status, reason, n_objects,
-    encoder (name), encoder_id, bias_V, setpoint_A, pixels_x, pixels_y (pixels),
+    channel (the channel analysed), encoder (name), encoder_id, bias_V, setpoint_A, pixels_x, pixels_y (pixels),
     range_x_nm, range_y_nm (scan range, nm), area_nm2 (range_x_nm * range_y_nm, nm^2),
     count_<species> ..., density_<species>_per_nm2 ... (count / area_nm2), config_digest
 
@@ -46,7 +46,7 @@ Format = Literal["csv", "json", "parquet"]
 TableName = Literal["frames", "objects"]
 
 FRAME_COLUMNS = ("frame_id", "name", "source", "path", "received_at", "processed_at", "status", "reason",
-                 "n_objects", "encoder", "encoder_id", "bias_V", "setpoint_A", "pixels_x", "pixels_y",
+                 "n_objects", "channel", "encoder", "encoder_id", "bias_V", "setpoint_A", "pixels_x", "pixels_y",
                  "range_x_nm", "range_y_nm", "area_nm2")
 OBJECT_COLUMNS = ("frame_id", "object", "species", "similarity", "touches_edge", "centroid_x_nm", "centroid_y_nm",
                   "centroid_x_px", "centroid_y_px", "bbox_x_px", "bbox_y_px", "bbox_w_px", "bbox_h_px", "area_nm2",
@@ -149,7 +149,8 @@ def _frame_rows(rows: list[sqlite3.Row]) -> tuple[list[str], list[dict[str, Any]
         row: dict[str, Any] = {
             "frame_id": r["frame_id"], "name": r["name"], "source": r["source"], "path": r["path"],
             "received_at": r["received_at"], "processed_at": r["processed_at"], "status": r["status"],
-            "reason": r["reason"], "n_objects": r["n_objects"], "encoder": enc.get("name"),
+            "reason": r["reason"], "n_objects": r["n_objects"], "channel": scan.get("channel"),
+            "encoder": enc.get("name"),
             "encoder_id": enc.get("id"), "bias_V": scan.get("bias_V"), "setpoint_A": scan.get("setpoint_A"),
             "pixels_x": px, "pixels_y": py, "range_x_nm": wx, "range_y_nm": wy, "area_nm2": area,
         }

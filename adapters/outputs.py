@@ -120,6 +120,16 @@ def render_overlay(result: FrameResult, image: np.ndarray, pixel_size_nm: tuple[
     enc = result.encoder_label
     cv2.putText(legend, f"encoder: {enc}", (12, ytxt), cv2.FONT_HERSHEY_SIMPLEX, fs * 0.8, (170, 170, 170), 1,
                 cv2.LINE_AA)
+    det = result.detection or {}
+    extra = [f"channel: {result.channel}"] if result.channel else []
+    if det.get("method"):
+        size = det.get("object_size_nm")
+        extra.append(f"detector: {det['method']}" + (f" {size:.3g} nm ({det.get('size_source')})" if size else ""))
+    if det.get("note"):
+        extra.append(str(det["note"])[:40])
+    for text in extra:
+        ytxt += line
+        cv2.putText(legend, text, (12, ytxt), cv2.FONT_HERSHEY_SIMPLEX, fs * 0.8, (170, 170, 170), 1, cv2.LINE_AA)
     return np.concatenate([canvas, legend], axis=1)
 
 

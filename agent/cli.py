@@ -166,8 +166,11 @@ def recognize(
             failed += 1
             continue
         n_edge = sum(1 for d in result.detections if d.touches_edge)
-        console.print(f"[bold]{escape(path.name)}[/]  [dim]encoder {escape(result.encoder_label)}, "
-                      f"{result.timings_ms.get('total', 0):.0f} ms, {result.scan.get('completeness', 1):.0%} of lines[/]")
+        det = result.detection
+        note = f"\n  [yellow]note:[/] {escape(det['note'])}" if det.get("note") else ""
+        console.print(f"[bold]{escape(path.name)}[/]  [dim]channel {escape(str(result.channel))}, "
+                      f"detector {escape(str(det.get('method')))}, encoder {escape(result.encoder_label)}, "
+                      f"{result.timings_ms.get('total', 0):.0f} ms, {result.scan.get('completeness', 1):.0%} of lines[/]{note}")
         console.print(_counts_table(result.counts, n_edge))
         try:  # one unwritable folder does not stop the rest of the list
             files = write_result_files(result, out if out is not None else path.parent, path.stem,

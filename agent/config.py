@@ -114,9 +114,11 @@ class FlattenConfig(_Strict):
 
 
 class SegmentConfig(_Strict):
-    """Threshold segmentation and the single-object size window."""
+    """Object detection (:mod:`agent.detect`): method, object size, polarity; the threshold methods'
+    size window."""
 
-    method: Literal["otsu", "value"] = "otsu"
+    method: Literal["auto", "scale", "otsu", "value"] = "auto"
+    object_size_nm: float | None = Field(None, gt=0)
     threshold: float | None = None
     polarity: Literal["bright", "dark", "both"] = "bright"
     min_area_nm2: float | None = Field(None, ge=0)
@@ -187,7 +189,8 @@ class AgentConfig(_Strict):
     """The whole configuration of one agent."""
 
     agent_id: str = "stm-agent"
-    channel: str = "Z"
+    channel: str = "auto"
+    channel_candidates: list[str] = Field(default_factory=lambda: ["Z", "Current", "Frequency_Shift"], min_length=1)
     direction: Literal["forward", "backward"] = "forward"
     acquisition: AcquisitionConfig = AcquisitionConfig()
     controller: ControllerConfig = ControllerConfig()

@@ -88,7 +88,7 @@ REDELIVERY_GRACE_S = 1.0
 _RETRY_MAX_S = 5.0  # longest pause between two attempts to write the store (disk full ...)
 _PAYLOAD_CACHE_BYTES = 256 << 20  # received payloads kept in memory for the worker (also on disk)
 _SPOOL_PRUNE_EVERY_S = 5.0
-_SCAN_KEYS = ("pixels", "range_nm", "pixel_size_nm", "bias_V", "setpoint_A", "direction", "angle_deg")
+_SCAN_KEYS = ("pixels", "range_nm", "pixel_size_nm", "bias_V", "setpoint_A", "direction", "angle_deg", "channel")
 _FRAME_HEADER = ("frame_id", "source", "path", "name", "acquired_at", "received_at", "processed_at", "scan")
 
 
@@ -375,6 +375,7 @@ class Agent:
             "counts": dict(result.counts),
             "n_objects": result.n_objects,
             "encoder": result.encoder,
+            "detection": result.detection,
             "timings_ms": {k: round(float(v), 3) for k, v in result.timings_ms.items()},
             "latency_ms": 0.0,
             "status": "ok",

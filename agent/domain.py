@@ -228,7 +228,8 @@ class FrameResult:
     """What the agent found in one frame.
 
     ``counts`` holds every reference species plus ``"other"``; objects touching the edge are
-    listed in ``detections`` but not counted. ``status`` is ``"ok"`` or ``"error"`` (then
+    listed in ``detections`` but not counted. ``scan["channel"]`` is the channel analysed;
+    ``detection`` says how the objects were found (see the attribute comment). ``status`` is ``"ok"`` or ``"error"`` (then
     ``reason`` says why, and ``counts``/``detections`` are empty).
     """
 
@@ -242,6 +243,9 @@ class FrameResult:
     encoder: dict[str, Any] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
     processed_at: datetime | None = None
+    # How the objects were found: detector (method, requested, reason), object size and its source,
+    # note (nothing found / one giant region, and why), channel choice {channel, reason, structure}.
+    detection: dict[str, Any] = field(default_factory=dict)
     # Flattened (ny, nx) float32 image the detections refer to, for overlays; never serialised.
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -251,6 +255,11 @@ class FrameResult:
         name = str(self.encoder.get("name", "?"))
         chosen = self.encoder.get("chosen")
         return f"{name} -> {chosen}" if chosen and chosen != name else name
+
+    @property
+    def channel(self) -> str | None:
+        """The channel analysed (``scan["channel"]``), None when unknown (error results)."""
+        return self.scan.get("channel") if self.scan else None
 
     @property
     def n_objects(self) -> int:
@@ -271,4 +280,5 @@ class FrameResult:
             "encoder": self.encoder,
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
             "processed_at": self.processed_at.isoformat() if self.processed_at else None,
+            "detection": self.detection,
         }

@@ -114,3 +114,17 @@ class MissingChannelError(ScanFormatError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return f"{self.source}: {self.reason}"
+
+
+class ChannelError(MissingChannelError):
+    """The channel to analyse is not in the scan: names the scan, the channel, why it was wanted
+    (configured, the library's, the ``channel: auto`` candidates) and the channels the scan has.
+
+    A :class:`MissingChannelError`, so a ``ScanFormatError`` and a ``KeyError`` too.
+    """
+
+    def __init__(self, source: str | Path, channel: str, have: list[str], why: str = ""):
+        self.channel = channel
+        self.have = list(have)
+        why = f" ({why})" if why else ""
+        super().__init__(source, f"no channel {channel!r}{why}; the scan has {', '.join(self.have) or 'no channel'}")

@@ -502,8 +502,11 @@ class Evaluator:
         if key not in self._det:
             from stm_agent.agent.flatten import flatten
 
+            from stm_agent.agent.channel import choose_channel
+
             scan = image_scan(self.images[i].path, self.s.pixel_size_nm)
-            self._det[key] = flatten(scan.frame(self.cfg.channel, self.cfg.direction),
+            ch, _ = choose_channel(scan, self.cfg.channel, self.cfg.channel_candidates, direction=self.cfg.direction)
+            self._det[key] = flatten(scan.frame(ch, self.cfg.direction),
                                      plane=self.cfg.flatten.plane, rows=self.cfg.flatten.rows)
         return self._det[key]
 

@@ -11,23 +11,82 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
+from stm_agent.agent.channel import choose_channel, signal_up
 from stm_agent.agent.config import AgentConfig
+from stm_agent.agent.detect import DetectionReport, detect_objects
 from stm_agent.agent.descriptors import descriptor_record, describe_regions, z_unit_of
 from stm_agent.agent.domain import OTHER, Detection, FrameResult, Scan
 from stm_agent.agent.errors import EmptyScanError, NoObjectError, ReferenceLibraryError
 from stm_agent.agent.flatten import flatten
 from stm_agent.agent.match import AdaptiveThreshold, RefEmbeddings, assign, gmm_threshold, species_scores
 from stm_agent.agent.normalise import frame_range, normalise_crops
-from stm_agent.agent.segment import Region, segment
+from stm_agent.agent.segment import Region
 
 log = logging.getLogger(__name__)
 
 
-def detect(scan: Scan, cfg: AgentConfig) -> tuple[np.ndarray, list[Region]]:
-    """Flatten the configured channel/direction of ``scan`` and segment it.
+@dataclass
+class FrameDetection:
+    """What detection made of one frame (:func:`detect_frame`).
+
+    Attributes
+    ----------
+    image : float32 ``(ny, nx)`` flattened frame of ``channel`` (NaN where not acquired).
+    regions : the detected objects.
+    channel : the channel analysed; ``channel_info`` how it was chosen (:func:`agent.channel.choose_channel`).
+    report : :class:`agent.detect.DetectionReport` (detector, object size and its source, note).
+    """
+
+    image: np.ndarray
+    regions: list[Region]
+    channel: str
+    channel_info: dict[str, Any]
+    report: DetectionReport
+
+
+def detect_frame(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float] | None = None,
+                 library_channel: str | None = None) -> FrameDetection:
+    """Choose the channel, flatten it, and detect the objects of ``scan``.
+
+    Parameters
+    ----------
+    scan : Scan
+    cfg : AgentConfig
+        ``channel`` (``auto`` or a name), ``channel_candidates``, ``direction``, ``flatten``, ``segment``.
+    reference_extents_nm : list[float] | None
+        Extents of the library's references (nm): the object-size prior of the scale detector.
+    library_channel : str | None
+        The channel the references were recorded on; ``channel: auto`` then uses it.
+
+    Raises
+    ------
+    EmptyScanError
+        The frame holds no acquired pixel.
+    ChannelError
+        The channel is absent (message lists what the scan has).
+    """
+    channel, cinfo = choose_channel(scan, cfg.channel, cfg.channel_candidates, library_channel, cfg.direction)
+    if cinfo.get("warning"):
+        log.warning("%s: %s", scan.source, cinfo["warning"])
+    frame = signal_up(scan.frame(channel, cfg.direction), scan.units.get(channel))
+    if not np.isfinite(frame).any():
+        raise EmptyScanError(scan.source, f"channel {channel} {cfg.direction} has no acquired pixel")
+    image = flatten(frame, plane=cfg.flatten.plane, rows=cfg.flatten.rows)
+    regions, report = detect_objects(image, scan.pixel_size_nm, cfg.segment, reference_extents_nm,
+                                     pixel_size_known=scan.units.get(channel) != "a.u.")
+    if cinfo.get("warning") and report.note:
+        report.note = f"{report.note}; {cinfo['warning']}"
+    return FrameDetection(image, regions, channel, cinfo, report)
+
+
+def detect(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float] | None = None,
+           library_channel: str | None = None) -> tuple[np.ndarray, list[Region]]:
+    """Flatten the channel of ``scan`` and detect its objects (:func:`detect_frame`).
 
     Returns
     -------
@@ -35,16 +94,11 @@ def detect(scan: Scan, cfg: AgentConfig) -> tuple[np.ndarray, list[Region]]:
 
     Raises
     ------
-    EmptyScanError
-        The frame holds no acquired pixel.
-    KeyError
-        The configured channel/direction is absent (message lists what the scan has).
+    EmptyScanError, ChannelError
+        As :func:`detect_frame`.
     """
-    frame = scan.frame(cfg.channel, cfg.direction)
-    if not np.isfinite(frame).any():
-        raise EmptyScanError(scan.source, f"channel {cfg.channel} {cfg.direction} has no acquired pixel")
-    image = flatten(frame, plane=cfg.flatten.plane, rows=cfg.flatten.rows)
-    return image, segment(image, scan.pixel_size_nm, cfg.segment)
+    d = detect_frame(scan, cfg, reference_extents_nm, library_channel)
+    return d.image, d.regions
 
 
 def reference_crop_at(
@@ -75,7 +129,8 @@ def reference_crop_at(
     NoObjectError
         No object contains the point and none has its centroid within its own extent (nm) of it.
     """
-    image, regions = detect(scan, cfg)
+    d = detect_frame(scan, cfg)
+    image, regions, channel = d.image, d.regions, d.channel
     if units == "nm":
         px, py = (float(v) for v in scan.nm_to_px(x, y))
     elif units == "px":
@@ -106,7 +161,7 @@ def reference_crop_at(
     prov = {
         "scan": scan.source,
         "frame_id": scan.frame_id,
-        "channel": cfg.channel,
+        "channel": channel,
         "direction": cfg.direction,
         "position_nm": [float(cx_nm), float(cy_nm)],
         "position_px": [float(reg.centroid_px[0]), float(reg.centroid_px[1])],
@@ -117,7 +172,7 @@ def reference_crop_at(
         "touches_edge": reg.touches_edge,
         "grey_range": list(frame_range(image)),
         "descriptors": descriptor_record(
-            describe_regions(image, [reg], (dx, dy), z_unit_of(scan.units.get(cfg.channel)))),
+            describe_regions(image, [reg], (dx, dy), z_unit_of(scan.units.get(channel)))),
     }
     return crop.astype(np.float32), (dx, dy), prov
 
@@ -149,6 +204,10 @@ class Recognizer:
         #: ``select: once``: the selection that fixed the encoder and the frame it was made on
         self.locked: tuple[str, dict[str, Any]] | None = None
         self._desc_warned = False
+        #: extents (nm) of the library's references: the object-size prior of detection
+        self.reference_extents_nm: list[float] | None = None
+        #: the channel the references were recorded on (``channel: auto`` follows it), None if unknown
+        self.library_channel: str | None = None
 
     def descriptor_weight(self, refs: RefEmbeddings, height_unit: str) -> float:
         """The descriptor weight w in effect for ``refs`` (``cfg.match.descriptor_weight`` or 0).
@@ -218,7 +277,17 @@ class Recognizer:
             }
         first = next(iter(encoders))
         candidates = {n: (encoders[n], ref_sets[n]) for n in encoders} if cfg.encoder.name == "auto" else None
-        return cls(cfg, encoders[first], ref_sets[first], candidates)
+        rec = cls(cfg, encoders[first], ref_sets[first], candidates)
+        entries = lib.entries(require=False) if ref_sets[first].species else []
+        if entries:
+            rec.reference_extents_nm = [float(e.extent_nm) for e in entries]
+            chans = {e.provenance.get("channel") for e in entries}
+            if len(chans) == 1 and None not in chans:
+                rec.library_channel = str(chans.pop())
+            elif len(chans) > 1:
+                log.warning("%s: references recorded on several channels %s; channel follows the config",
+                            lib.folder, sorted(str(c) for c in chans))
+        return rec
 
     def detect(self, scan: Scan) -> tuple[np.ndarray, list[Region]]:
         """See :func:`detect`."""
@@ -342,12 +411,19 @@ class Recognizer:
         """
         cfg = self.cfg
         t0 = time.perf_counter()
-        frame = scan.frame(cfg.channel, cfg.direction)
+        channel, cinfo = choose_channel(scan, cfg.channel, cfg.channel_candidates, self.library_channel,
+                                        cfg.direction)
+        if cinfo.get("warning"):
+            log.warning("%s: %s", scan.source, cinfo["warning"])
+        frame = signal_up(scan.frame(channel, cfg.direction), scan.units.get(channel))
         if not np.isfinite(frame).any():
-            raise EmptyScanError(scan.source, f"channel {cfg.channel} {cfg.direction} has no acquired pixel")
+            raise EmptyScanError(scan.source, f"channel {channel} {cfg.direction} has no acquired pixel")
         image = flatten(frame, plane=cfg.flatten.plane, rows=cfg.flatten.rows)
         t1 = time.perf_counter()
-        regions = segment(image, scan.pixel_size_nm, cfg.segment)
+        regions, report = detect_objects(image, scan.pixel_size_nm, cfg.segment, self.reference_extents_nm,
+                                         pixel_size_known=scan.units.get(channel) != "a.u.")
+        if cinfo.get("warning"):
+            report.note = f"{report.note}; {cinfo['warning']}" if report.note else cinfo["warning"]
         t2 = time.perf_counter()
         centres = np.array([r.centroid_px for r in regions], dtype=np.float64).reshape(-1, 2)
         if self.refs.species:
@@ -359,7 +435,7 @@ class Recognizer:
         if len(emb) != len(regions):  # no references: zero rows, every object `other`
             emb = np.zeros((len(regions), refs.emb.shape[1]), np.float32)
         t4 = time.perf_counter()
-        z_unit = z_unit_of(scan.units.get(cfg.channel))
+        z_unit = z_unit_of(scan.units.get(channel))
         w = self.descriptor_weight(refs, "pm" if z_unit == "m" else "sigma") if regions else 0.0
         extra_ms: dict[str, float] = {}
         if w > 0:
@@ -396,7 +472,7 @@ class Recognizer:
         return FrameResult(
             frame_id=scan.frame_id,
             source=scan.source,
-            scan=scan.summary(),
+            scan={**scan.summary(), "channel": channel},
             counts=counts,
             detections=dets,
             encoder=encoder_info,
@@ -406,4 +482,5 @@ class Recognizer:
             },
             processed_at=datetime.now(timezone.utc),
             image=image,
+            detection={**report.to_json(), "channel": cinfo},
         )

@@ -35,6 +35,7 @@ def library(tmp_path_factory, scans):
     folder = tmp_path_factory.mktemp("auto") / "refs"
     scan = scans[0]
     cfg = AgentConfig()
+    cfg.segment.method = "otsu"
     _, regions = detect(scan, cfg)
     ref = next(r for r in regions if not r.touches_edge)
     crop, ps, prov = reference_crop_at(scan, *ref.centroid_px, cfg, units="px")
@@ -44,6 +45,9 @@ def library(tmp_path_factory, scans):
 
 def _cfg(folder, name="auto", select="per_frame") -> AgentConfig:
     cfg = AgentConfig()
+    # encoder selection is measured on the released Otsu regions (8 and 3 objects, as above); the
+    # scale detector finds the 2 whole TCNE molecules, too few for a two-peak separation
+    cfg.segment.method = "otsu"
     cfg.references.folder = folder
     cfg.encoder.name = name
     cfg.encoder.select = select

@@ -27,6 +27,9 @@ def au111(sxm_dir):
 def _library(folder, scan, n_species=2):
     cfg = AgentConfig()
     cfg.references.folder = folder
+    # the descriptor arithmetic is checked bit for bit on one fixed segmentation: Otsu regions do not
+    # depend on the references (the scale detector takes its object size from them)
+    cfg.segment.method = "otsu"
     _, regions = detect(scan, cfg)
     inner = [r for r in regions if not r.touches_edge]
     lib = ReferenceLibrary(folder)

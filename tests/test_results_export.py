@@ -68,6 +68,7 @@ def test_frames_table_counts_and_densities_equal_the_store(real, sxm_dir):
         w, h = st["scan"]["range_nm"]
         assert r["area_nm2"] == pytest.approx(w * h) and [r["pixels_x"], r["pixels_y"]] == st["scan"]["pixels"]
         assert r["bias_V"] == st["scan"]["bias_V"] and r["encoder"] == st["encoder"]["name"]
+        assert r["channel"] == st["scan"]["channel"] == "Z"  # the channel analysed (channel: auto)
         for sp, n in st["counts"].items():
             assert r[f"count_{sp}"] == n
             assert r[f"density_{sp}_per_nm2"] == pytest.approx(n / (w * h))

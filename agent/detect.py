@@ -1,0 +1,447 @@
+"""Object detection at the molecule's scale: one molecule = one object.
+
+Three detectors share one output, a list of :class:`agent.segment.Region` plus a per-frame report
+(:class:`DetectionReport`):
+
+``scale`` (:func:`scale_detect`)
+    A scale-aware detector. With the object size ``s`` (extent, nm) - ``segment.object_size_nm``,
+    or estimated per frame (within 0.5-2x the references' extents when there are references) by
+    automatic scale selection in a scale-normalised Laplacian-of-Gaussian scale space (Lindeberg, Int. J. Comput. Vis. 30, 79
+    (1998); :func:`estimate_object_size`) - it
+
+    1. removes the background at a scale well above the object: a grey-level opening with a flat
+       square of side ``3 s`` (rolling-ball / white top-hat background, Sternberg, Computer 16, 22
+       (1983)). Terraces and steps (wider than the square) are kept by the opening and vanish from
+       the top-hat; a plane is kept exactly;
+    2. smooths at the molecule's scale (Gaussian, sigma ``s / 4``) and takes the local maxima at
+       least ``0.4 s`` apart that stand out of the frame's noise as seeds, one per molecule (the
+       lobes of one molecule merge at this scale, touching molecules do not);
+    3. grows each seed by marker-controlled watershed (Beucher & Meyer, "The morphological approach
+       to segmentation: the watershed transformation", 1993; ``skimage.segmentation.watershed``) on
+       the lightly smoothed top-hat: touching molecules are split along the valley between them,
+       the lobes of one molecule join its seed;
+    4. trims each object to the pixels at or above 25 % of its own height above the background
+       and within 0.75 object sizes of its seed, and outlines it by the convex hull of those pixels (a molecule seen as separate lobes is
+       one object).
+
+    Objects inside the holes of a connected foreground are found like any other (the labels come
+    from the watershed, not from outer contours).
+
+``otsu`` / ``value``
+    The released UniMR threshold segmentation (:func:`agent.segment.segment`), kept selectable
+    (the evaluation's ``unimr-as-released`` baseline uses it).
+
+``auto`` (default)
+    Chooses per frame; the choice and the reason are in the report.
+
+Every function works in pixels of the frame; sizes given in nm are converted with the pixel size
+``(dx, dy)``, which may differ along x and y. Images without a known pixel size (rendered images,
+1 "nm" per pixel by convention) get their scale per image from :func:`estimate_object_size`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+
+from stm_agent.agent.config import SegmentConfig
+from stm_agent.agent.segment import MIN_SPECK_PX, Region, fill_nan, segment
+
+#: Per-object support: pixels at or above this fraction of the object's own height (top-hat peak).
+SUPPORT_FRACTION = 0.25
+#: An object's pixels lie within this many object sizes of its seed (a radius: 0.75 = 1.5 x the size).
+REACH = 0.75
+#: Background removal: side of the flat square of the opening, in object sizes.
+BACKGROUND_FACTOR = 3.0
+#: Seeds: Gaussian sigma of the seed image and minimum seed distance, in object sizes.
+SEED_SIGMA = 0.25
+SEED_DISTANCE = 0.4
+#: Seeds must stand this many noise standard deviations (pixel noise of the frame) above the background.
+NOISE_K = 4.0
+#: Seeds lower than this fraction of the typical object height (top-hat) are substrate bumps.
+PEAK_FRACTION = 0.3
+#: Objects smaller than this fraction of the expected area (pi s^2 / 4) are specks.
+MIN_AREA_FRACTION = 0.08
+#: Automatic size search range, pixels of extent (before the image-size cap).
+AUTO_MIN_EXTENT_PX = 4.0
+#: Object extent per scale-space sigma of its blob (see :func:`estimate_object_size`).
+EXTENT_PER_SIGMA = 3.5
+
+
+@dataclass
+class DetectionReport:
+    """How the objects of one frame were detected (``FrameResult.detection``).
+
+    Attributes
+    ----------
+    method : str
+        Detector used: ``scale``, ``otsu`` or ``value``.
+    requested : str
+        ``segment.method`` as configured (``auto`` or a detector name).
+    reason : str
+        Why ``auto`` chose ``method`` (or ``"configured"``).
+    object_size_nm : float | None
+        Object extent used (nm, in the frame's pixel-size units), None for the threshold detectors.
+    size_source : str | None
+        ``config`` (``segment.object_size_nm``), ``auto`` (scale-space estimate of this frame) or
+        ``auto within 0.5-2x the references``.
+    n_regions : int
+        Objects found (edge objects included).
+    note : str | None
+        Set when the result deserves a look: nothing found, or one region covering most of the frame
+        (and why).
+    """
+
+    method: str
+    requested: str
+    reason: str = "configured"
+    object_size_nm: float | None = None
+    size_source: str | None = None
+    n_regions: int = 0
+    note: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (floats rounded)."""
+        d = asdict(self)
+        if d["object_size_nm"] is not None:
+            d["object_size_nm"] = round(float(d["object_size_nm"]), 5)
+        extra = d.pop("extra")
+        return {**d, **extra}
+
+
+# --------------------------------------------------------------------------- helpers
+def pixel_noise(image: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """Robust pixel noise of a frame: 1.4826 MAD of the fast-axis differences / sqrt(2).
+
+    Differences of neighbouring pixels cancel everything smoother than a pixel (objects, steps,
+    tilt), so their robust spread measures the white part of the noise (the estimator of
+    Immerkaer, CVIU 64, 300 (1996) in its MAD form). Units of ``image``; 0 for a constant frame.
+    """
+    d = np.diff(image, axis=1)
+    if valid is not None:
+        d = d[valid[:, 1:] & valid[:, :-1]]
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+
+
+def _gauss(img: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    if sx <= 0.3 and sy <= 0.3:
+        return img
+    return cv2.GaussianBlur(img, (0, 0), sigmaX=max(sx, 0.3), sigmaY=max(sy, 0.3), borderType=cv2.BORDER_REFLECT)
+
+
+def _opening(img: np.ndarray, kx: int, ky: int) -> np.ndarray:
+    """Grey opening with a flat ``ky x kx`` rectangle (OpenCV, van Herk / Gil-Werman O(1) per pixel)."""
+    kx, ky = max(1, kx) | 1, max(1, ky) | 1
+    k = cv2.getStructuringElement(cv2.MORPH_RECT, (kx, ky))
+    return cv2.morphologyEx(img, cv2.MORPH_OPEN, k, borderType=cv2.BORDER_REPLICATE)
+
+
+def top_hat(img: np.ndarray, size_px: tuple[float, float]) -> np.ndarray:
+    """White top-hat ``img - opening(img)`` with a flat square of ``BACKGROUND_FACTOR`` x the object size.
+
+    ``size_px`` = object extent ``(x, y)`` in pixels. float32 ``(ny, nx)``, >= 0.
+    """
+    kx = int(round(BACKGROUND_FACTOR * size_px[0]))
+    ky = int(round(BACKGROUND_FACTOR * size_px[1]))
+    kx, ky = min(kx, 2 * img.shape[1] + 1), min(ky, 2 * img.shape[0] + 1)
+    return img - _opening(img, kx, ky)
+
+
+def estimate_object_size(image: np.ndarray, pixel_size_nm: tuple[float, float],
+                         lo_nm: float | None = None, hi_nm: float | None = None,
+                         valid: np.ndarray | None = None) -> float:
+    """Typical object extent of a frame by automatic scale selection (Lindeberg 1998).
+
+    The frame (bright objects up) is first freed of structures larger than a quarter of the frame
+    (top-hat: steps and terraces), reduced to at most 256 px on its long side (area average), and
+    the scale-normalised Laplacian ``L(sigma) = -sigma^2 nabla^2 (G_sigma * f)`` is computed on a
+    geometric grid of sigma (4 per octave). Blobs are the local maxima of ``L`` over position and
+    scale (3 x 3 x 3 neighbourhood, inner scales only; Lindeberg's scale-space blob detector). The
+    object extent is the response-weighted median scale of the strong blobs (response >= 25 % of
+    the strongest), each blob counted once whatever its area, converted as extent = 3.5 sigma
+    (between a flat disc, 2 sqrt(2) sigma, and a Gaussian at 10 % of its height, 4.3 sigma).
+
+    Parameters
+    ----------
+    image : float ``(ny, nx)``, finite (fill NaN first). pixel_size_nm : ``(dx, dy)`` nm.
+    lo_nm, hi_nm : search range of the extent, nm (default: 4 px to a quarter of the shorter side).
+    valid : bool ``(ny, nx)`` acquired pixels (blobs elsewhere are ignored).
+
+    Returns
+    -------
+    float
+        Object extent, nm (``dx`` units along x). The lower bound when no blob is found.
+    """
+    dx, dy = pixel_size_nm
+    ny, nx = image.shape
+    ratio = dy / dx
+    k = max(1, int(np.ceil(max(ny, nx) / 256)))
+    f = np.asarray(image, np.float32)
+    f = f - _opening(f, max(3, nx // 4), max(3, int(ny // 4)))
+    if k > 1:
+        f = cv2.resize(f, (max(1, nx // k), max(1, ny // k)), interpolation=cv2.INTER_AREA)
+        if valid is not None:
+            valid = cv2.resize(valid.astype(np.uint8), (f.shape[1], f.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+    lo_px = max(AUTO_MIN_EXTENT_PX, (lo_nm / dx) if lo_nm else 0.0)
+    hi_px = min(max(min(nx, ny * ratio) / 4.0, 2 * lo_px), (hi_nm / dx) if hi_nm else np.inf)
+    ext = lo_px * 2.0 ** (np.arange(-1, 41) / 4.0)
+    ext = ext[ext <= hi_px * 2 ** 0.25 * 1.0001]
+    if len(ext) < 3:
+        return float(lo_px * dx)
+    stack = []
+    for e in ext:
+        s = e / EXTENT_PER_SIGMA / k  # sigma in reduced pixels along x
+        g = _gauss(f, s, s / ratio)
+        stack.append(-cv2.Laplacian(g, cv2.CV_32F) * np.float32(s * s))
+    r = np.stack(stack)
+    mx = ndi.maximum_filter(r, size=(3, 3, 3), mode="nearest")
+    pk = (r >= mx) & (r > 0)
+    pk[0] = pk[-1] = False
+    if valid is not None:
+        pk &= valid[None]
+    si = np.nonzero(pk)[0]
+    v = r[pk]
+    if v.size == 0:
+        return float(lo_px * dx)
+    sel = v >= 0.25 * v.max()
+    w, e = v[sel], ext[si[sel]]
+    o = np.argsort(e)
+    cw = np.cumsum(w[o])
+    return float(e[o][np.searchsorted(cw, 0.5 * cw[-1])] * dx)
+
+
+def _edge_flags(labels: np.ndarray, n: int, valid: np.ndarray) -> np.ndarray:
+    """bool ``(n + 1,)``: label touches the image border or the NaN boundary."""
+    edge = np.zeros(n + 1, bool)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    edge[np.unique(border)] = True
+    if not valid.all():
+        grown = cv2.dilate((~valid).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        edge[np.unique(labels[grown])] = True
+    edge[0] = False
+    return edge
+
+
+def regions_from_labels(labels: np.ndarray, valid: np.ndarray, pixel_size_nm: tuple[float, float],
+                        contrast: int = 1, label_offset: int = 0) -> list[Region]:
+    """One :class:`Region` per label of a label image (0 = background).
+
+    A label may be several separate pieces (the lobes of one molecule): its outline is the convex
+    hull of all its pixels (``cv2.convexHull``), its ``extent_nm`` the diameter of the minimum
+    enclosing circle of that hull plus one pixel, ``bbox_px`` / ``centroid_px`` / ``area_px`` those
+    of its pixels. Labels smaller than :data:`agent.segment.MIN_SPECK_PX` pixels are dropped.
+    """
+    dx, dy = pixel_size_nm
+    n = int(labels.max())
+    if n == 0:
+        return []
+    edge = _edge_flags(labels, n, valid)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    slices = ndi.find_objects(labels)
+    ys, xs = np.indices(labels.shape, dtype=np.float64)
+    idx = np.arange(n + 1)
+    cy = ndi.sum_labels(ys, labels, idx) / np.maximum(areas, 1)
+    cx = ndi.sum_labels(xs, labels, idx) / np.maximum(areas, 1)
+    scale = np.array([dx, dy], np.float32)
+    out = []
+    for i, sl in enumerate(slices, start=1):
+        if sl is None or areas[i] < MIN_SPECK_PX:
+            continue
+        sub = labels[sl] == i
+        py, px = np.nonzero(sub)
+        pts = np.stack([px + sl[1].start, py + sl[0].start], 1).astype(np.int32)
+        hull = cv2.convexHull(pts.reshape(-1, 1, 2)).reshape(-1, 2)
+        (_, _), r = cv2.minEnclosingCircle((hull.astype(np.float32) * scale).reshape(-1, 1, 2))
+        out.append(Region(
+            label=i + label_offset,
+            bbox_px=(int(sl[1].start), int(sl[0].start), int(sl[1].stop - sl[1].start), int(sl[0].stop - sl[0].start)),
+            centroid_px=(float(cx[i]), float(cy[i])),
+            area_px=int(areas[i]),
+            area_nm2=float(areas[i]) * dx * dy,
+            extent_nm=float(2 * r + max(dx, dy)),
+            touches_edge=bool(edge[i]),
+            contour=hull.astype(np.int32),
+            contrast=contrast,
+        ))
+    return out
+
+
+# --------------------------------------------------------------------------- scale detector
+def scale_labels(f: np.ndarray, valid: np.ndarray, size_px: tuple[float, float], noise: float) -> tuple[np.ndarray, dict]:
+    """Label image of the bright objects of ``f`` at object extent ``size_px`` = ``(x, y)`` pixels.
+
+    Steps 1-4 of the module docstring. ``f`` float32 finite ``(ny, nx)``; ``noise`` the pixel noise
+    (:func:`pixel_noise`). Returns int32 ``(ny, nx)`` labels (0 = background) and diagnostics
+    (``threshold``: the seed significance level on the top-hat; ``cover``: foreground fraction).
+    """
+    sx, sy = size_px
+    detail = _gauss(f, max(0.5, sx / 16), max(0.5, sy / 16))
+    th = top_hat(detail, size_px)
+    th[~valid] = 0
+    seed_img = _gauss(th, SEED_SIGMA * sx, SEED_SIGMA * sy)
+    t_noise = NOISE_K * noise
+    ry, rx = max(1, int(round(SEED_DISTANCE * sy))), max(1, int(round(SEED_DISTANCE * sx)))
+    yy, xx = np.ogrid[-ry:ry + 1, -rx:rx + 1]
+    disk = (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0
+    mx = cv2.dilate(seed_img, disk.astype(np.uint8), borderType=cv2.BORDER_REPLICATE)
+    peaks = (seed_img >= mx) & (seed_img > t_noise) & valid
+    t = t_noise
+    heights = np.sort(seed_img[peaks])[::-1]
+    if heights.size:
+        # typical object height: median of the strongest tenth of the peaks (at least 3)
+        top = heights[: max(3, heights.size // 10)]
+        t = max(t_noise, PEAK_FRACTION * float(np.median(top)))
+        peaks &= seed_img > t
+    markers, n_seeds = ndi.label(peaks, structure=np.ones((3, 3)))
+    if n_seeds == 0:
+        return np.zeros(f.shape, np.int32), {"threshold": t, "cover": 0.0, "seeds": 0}
+    # basins of the seeds, down to the noise level of the top-hat
+    low = max(t_noise * 0.5, 1e-30)
+    mask = (th > low) & valid
+    labels = watershed(-th, markers, mask=mask)
+    # per-object support: >= SUPPORT_FRACTION of the object's own peak, within REACH sizes of its seed
+    idx = np.arange(n_seeds + 1)
+    peak = np.asarray(ndi.maximum(th, labels, idx), np.float32)
+    peak[0] = np.inf
+    cy, cx = (np.asarray(c, np.float32) for c in zip(*ndi.center_of_mass(peaks, markers, idx[1:])))
+    cy, cx = np.concatenate([[0], cy]), np.concatenate([[0], cx])
+    yy, xx = np.indices(labels.shape, dtype=np.float32)
+    near = ((xx - cx[labels]) / (REACH * sx)) ** 2 + ((yy - cy[labels]) / (REACH * sy)) ** 2 <= 1.0
+    labels = np.where((th >= SUPPORT_FRACTION * peak[labels]) & near, labels, 0).astype(np.int32)
+    # drop specks (relative to the expected area)
+    areas = np.bincount(labels.ravel(), minlength=n_seeds + 1)
+    min_area = max(MIN_SPECK_PX, MIN_AREA_FRACTION * np.pi * sx * sy / 4.0)
+    small = areas < min_area
+    small[0] = False
+    if small.any():
+        labels[small[labels]] = 0
+    cover = float(np.count_nonzero(labels & valid)) / max(int(valid.sum()), 1)
+    return labels, {"threshold": t, "cover": cover, "seeds": int(n_seeds)}
+
+
+def scale_detect(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: SegmentConfig,
+                 size_nm: float | None = None,
+                 size_range_nm: tuple[float, float] | None = None) -> tuple[list[Region], dict]:
+    """Scale-aware detection (module docstring).
+
+    ``size_nm`` = object extent, nm, used as given; None: estimated per frame
+    (:func:`estimate_object_size`), within ``size_range_nm`` (nm) when given.
+
+    ``polarity`` ``dark`` detects depressions (the frame negated), ``both`` protrusions and
+    depressions in two passes (labels kept unique, ``Region.contrast`` +1 / -1).
+
+    Returns
+    -------
+    (regions, info) : regions sorted top-to-bottom, left-to-right; info has ``object_size_nm``,
+    ``size_source`` (``given`` or ``auto``), ``threshold``, ``cover``, ``seeds``.
+    """
+    dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
+    f, valid = fill_nan(np.asarray(image, np.float32))
+    noise = pixel_noise(np.asarray(image, np.float32), valid)
+    signs = {"bright": [1], "dark": [-1], "both": [1, -1]}[cfg.polarity]
+    source = "given" if size_nm else "auto"
+    if not size_nm:
+        lo, hi = size_range_nm if size_range_nm else (None, None)
+        size_nm = estimate_object_size(f if signs[0] > 0 else -f, (dx, dy), lo, hi, valid=valid)
+    size_px = (size_nm / dx, size_nm / dy)
+    regions: list[Region] = []
+    info: dict[str, Any] = {"object_size_nm": float(size_nm), "size_source": source}
+    offset = 0
+    for sgn in signs:
+        labels, diag = scale_labels(f if sgn > 0 else -f, valid, size_px, noise)
+        regions += regions_from_labels(labels, valid, (dx, dy), contrast=sgn, label_offset=offset)
+        offset += int(labels.max())
+        for k, v in diag.items():
+            info[k if sgn > 0 else f"{k}_dark"] = v
+    regions.sort(key=lambda r: (r.centroid_px[1], r.centroid_px[0]))
+    return regions, info
+
+
+# --------------------------------------------------------------------------- entry point
+def detect_objects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: SegmentConfig,
+                   reference_extents_nm: list[float] | None = None,
+                   pixel_size_known: bool = True) -> tuple[list[Region], DetectionReport]:
+    """Detect the objects of a flattened frame with the configured detector (``segment.method``).
+
+    Parameters
+    ----------
+    image : np.ndarray
+        float ``(ny, nx)`` flattened frame (:func:`agent.flatten.flatten`), NaN = not acquired.
+    pixel_size_nm : (dx, dy)
+        Pixel size, nm (1 "nm" per pixel for images without one).
+    cfg : SegmentConfig
+        ``method`` (``auto``, ``scale``, ``otsu``, ``value``), ``object_size_nm``, polarity ...
+    reference_extents_nm : list[float] | None
+        Extents (nm) of the library's references: the scale detector estimates the object size
+        of the frame within 0.5 x the smallest to 2 x the largest of them (an exact
+        ``segment.object_size_nm`` takes precedence).
+    pixel_size_known : bool
+        False for rendered images without a physical pixel size (1 "nm" per pixel): a size in nm
+        means nothing there, so the scale detector estimates the object size per image and the
+        references' extents and ``object_size_nm`` are not used.
+
+    Returns
+    -------
+    (regions, report) : the :class:`Region` list and the :class:`DetectionReport` of the frame.
+
+    Raises
+    ------
+    ValueError
+        ``image`` is not 2-D or the pixel size is not positive.
+    """
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise ValueError(f"detection expects a 2-D image (ny, nx), got shape {img.shape}")
+    dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
+    if not (dx > 0 and dy > 0):
+        raise ValueError(f"pixel size must be positive, got {pixel_size_nm}")
+    method = cfg.method
+    reason = "configured"
+    if method == "auto":
+        method, reason = "scale", "scale-space detector (no reference template detector applies)"
+    if method in ("otsu", "value"):
+        regions = segment(img, (dx, dy), cfg)
+        rep = DetectionReport(method=method, requested=cfg.method, reason=reason, n_regions=len(regions))
+    else:
+        size_nm, source, rng = None, "auto", None
+        if not pixel_size_known:
+            pass
+        elif cfg.object_size_nm is not None:
+            size_nm, source = float(cfg.object_size_nm), "config"
+        elif reference_extents_nm:
+            # estimated on the frame, within a factor 2 of the references' extents: other objects
+            # (counted as `other`) may differ in size, the library only bounds the search
+            rng = (0.5 * min(reference_extents_nm), 2.0 * max(reference_extents_nm))
+            source = "auto within 0.5-2x the references"
+        regions, info = scale_detect(img, (dx, dy), cfg, size_nm, rng)
+        rep = DetectionReport(method="scale", requested=cfg.method, reason=reason,
+                              object_size_nm=info.pop("object_size_nm"), size_source=source,
+                              n_regions=len(regions),
+                              extra={k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()
+                                     if k != "size_source" and k not in ("threshold", "threshold_dark")})
+    rep.note = _note(regions, img)
+    return regions, rep
+
+
+def _note(regions: list[Region], image: np.ndarray) -> str | None:
+    """Why a frame's detection deserves a look: nothing found, or one region over most of the frame."""
+    n_valid = int(np.isfinite(image).sum())
+    if not regions:
+        fin = image[np.isfinite(image)]
+        if fin.size == 0 or float(np.ptp(fin)) == 0.0:
+            return "no object: the frame is flat (constant channel)"
+        return "no object: nothing stands out of the frame's noise at the object scale"
+    big = max(r.area_px for r in regions)
+    if n_valid and big > 0.5 * n_valid:
+        return (f"one region covers {big / n_valid:.0%} of the frame: the surface is likely covered "
+                "(dense layer) or the object size is wrong")
+    return None

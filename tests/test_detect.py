@@ -1,0 +1,158 @@
+"""Detection at the molecule's scale (agent.detect) and the channel choice (agent.channel), on real data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from stm_agent.adapters.labelled import box_iou, image_scan
+from stm_agent.adapters.sxm import read_sxm
+from stm_agent.agent.channel import FLAT_STRUCTURE, choose_channel, structure
+from stm_agent.agent.config import SegmentConfig, load_config
+from stm_agent.agent.detect import detect_objects, estimate_object_size, pixel_noise
+from stm_agent.agent.errors import ChannelError
+from stm_agent.agent.flatten import flatten
+from stm_agent.agent.pipeline import detect_frame
+from stm_agent.agent.segment import segment
+
+
+def _coco(folder):
+    a = json.loads((folder / "annotations.json").read_text())
+    for im in a["images"]:
+        boxes = np.array([b["bbox"] for b in a["annotations"] if b["image_id"] == im["id"]], float)
+        yield folder / im["file_name"], boxes
+
+
+def test_sparse_molecules_found_whole_default_config(labelled_dir):
+    """Every labelled sparse molecule is one detection at IoU >= 0.5 (a lobe inside a box does not count)."""
+    cfg = load_config()
+    hit = total = 0
+    for path, boxes in _coco(labelled_dir / "sparse"):
+        d = detect_frame(image_scan(path, 1.0), cfg)
+        assert d.report.method == "scale" and d.report.size_source == "auto"
+        db = np.array([r.bbox_px for r in d.regions], float).reshape(-1, 4)
+        iou = box_iou(boxes, db)
+        hit += int((iou.max(axis=1) >= 0.5).sum())
+        total += len(boxes)
+    assert hit / total >= 0.95, f"detection recall {hit}/{total} at IoU >= 0.5"
+
+
+def test_dense_monolayer_touching_molecules_one_each(sxm_dir):
+    """graphene + TCNE, ~50 touching molecules: split one each, no merged blob, none cut in lobes."""
+    d = detect_frame(read_sxm(sxm_dir / "graphene_tcne_monolayer_4nm_256_down.sxm"), load_config())
+    areas = np.array([r.area_nm2 for r in d.regions if not r.touches_edge])
+    assert 20 <= len(areas) <= 40, len(areas)  # counted (not cut by the edge) molecules
+    assert 40 <= len(d.regions) <= 75
+    assert areas.max() < 3.0 * np.median(areas)  # no blob of several molecules
+    assert areas.min() > 0.2 * np.median(areas)  # no lobe alone
+    assert d.report.note is None
+
+
+def test_isolated_adsorbates_whole(sxm_dir):
+    """Au(111): the ~2 nm triangular adsorbates are one object each, at their size."""
+    scan = read_sxm(sxm_dir / "au111_adsorbates_10nm_256_up.sxm")
+    d = detect_frame(scan, load_config())
+    inner = [r for r in d.regions if not r.touches_edge]
+    assert 2 <= len(inner) <= 4
+    for r in inner:
+        assert 1.2 < r.extent_nm < 3.5, r.extent_nm
+    assert 1.2 < d.report.object_size_nm < 3.5
+
+
+def test_objects_in_holes_of_a_connected_foreground_are_found():
+    """A bright ring (one connected foreground) with blobs in its hole: the blobs are objects."""
+    yy, xx = np.mgrid[0:200, 0:200].astype(np.float32)
+    r = np.hypot(xx - 100, yy - 100)
+    img = np.exp(-((r - 70) / 6) ** 2)  # the ring
+    for cx, cy in [(85, 95), (115, 105)]:
+        img += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 5.0 ** 2))
+    img += np.random.default_rng(0).normal(0, 0.01, img.shape).astype(np.float32)
+    cfg = SegmentConfig(object_size_nm=20.0)
+    regions, rep = detect_objects(img, (1.0, 1.0), cfg)
+    inside = [g for g in regions if np.hypot(g.centroid_px[0] - 100, g.centroid_px[1] - 100) < 40]
+    assert len(inside) == 2
+    # the released Otsu + outer contours found none of them (issue 10: RETR_EXTERNAL)
+    old = segment(img, (1.0, 1.0), SegmentConfig(method="otsu"))
+    assert not [g for g in old if np.hypot(g.centroid_px[0] - 100, g.centroid_px[1] - 100) < 40]
+
+
+def test_otsu_stays_selectable(sxm_dir):
+    scan = read_sxm(sxm_dir / "au111_adsorbates_10nm_256_up.sxm")
+    cfg = load_config(overrides={"segment": {"method": "otsu"}})
+    d = detect_frame(scan, cfg)
+    ref = segment(d.image, scan.pixel_size_nm, cfg.segment)
+    assert d.report.method == "otsu"
+    assert [r.bbox_px for r in d.regions] == [r.bbox_px for r in ref]
+
+
+def test_flat_frame_says_why(sxm_dir):
+    """Channel Z of a constant-height scan chosen by hand: 0 objects, with a note and a warning."""
+    scan = read_sxm(sxm_dir / "generic5_au_molecule_256_down_angle135.sxm")
+    d = detect_frame(scan, load_config(overrides={"channel": "Z"}))
+    assert d.regions == [] and d.channel == "Z"
+    assert "flat" in d.report.note and "flat" in d.channel_info["warning"]
+
+
+def test_scale_estimate_follows_the_molecules(labelled_dir):
+    """Scale-space estimate per image: the sparse molecules (boxes ~28 px, and ~93 px in train_0)."""
+    for name, lo, hi in [("test_16.png", 18, 40), ("train_0.png", 45, 140)]:
+        f = flatten(image_scan(labelled_dir / "sparse" / name, 1.0).frame("Z"))
+        assert lo <= estimate_object_size(f, (1.0, 1.0)) <= hi, name
+
+
+@pytest.mark.parametrize("name", ["generic5_au_molecule_256_down_angle135.sxm", "porphyrin_pair_128_up_nan51pct.sxm",
+                                  "porphyrin_brstm_112_down_nan52pct.sxm", "au111_molecule_afm_160x80_up.sxm"])
+def test_constant_height_scan_picks_a_non_flat_channel(sxm_dir, name):
+    scan = read_sxm(sxm_dir / name)
+    assert structure(scan.frame("Z")) < FLAT_STRUCTURE  # Z is flat: constant height
+    ch, info = choose_channel(scan, "auto", ["Z", "Current", "Frequency_Shift"])
+    assert ch != "Z" and structure(scan.frame(ch)) > 10 * FLAT_STRUCTURE
+    assert "flat" in info["reason"] and "warning" not in info
+    d = detect_frame(scan, load_config())
+    assert d.channel == ch and d.regions
+
+
+@pytest.mark.parametrize("name", ["au111_adsorbates_10nm_256_up.sxm", "si111_7x7_atoms_defects_20nm_256_down.sxm",
+                                  "porphyrin_dimer_96_up_7ch.sxm"])
+def test_topography_kept_when_it_shows_structure(sxm_dir, name):
+    ch, info = choose_channel(read_sxm(sxm_dir / name), "auto", ["Z", "Current", "Frequency_Shift"])
+    assert ch == "Z" and info["structure"]["Z"] >= FLAT_STRUCTURE
+
+
+def test_missing_channel_is_one_typed_error(sxm_dir):
+    scan = read_sxm(sxm_dir / "moire_10nm_160_down.sxm")
+    with pytest.raises(ChannelError) as e:
+        choose_channel(scan, "Curent", ["Z"])
+    msg = str(e.value)
+    assert "'Curent'" in msg and "Z, Current" in msg and "moire_10nm_160_down.sxm" in msg
+    # the library's channel wins over auto, and must exist
+    assert choose_channel(scan, "auto", ["Z"], library_channel="Current")[0] == "Current"
+    with pytest.raises(ChannelError, match="Frequency_Shift"):
+        choose_channel(scan, "auto", ["Z"], library_channel="Frequency_Shift")
+
+
+def test_pixel_noise_is_the_white_noise_level():
+    rng = np.random.default_rng(1)
+    img = np.add.outer(np.linspace(0, 50, 300), np.linspace(0, 30, 300)) + rng.normal(0, 2.0, (300, 300))
+    assert pixel_noise(img) == pytest.approx(2.0, rel=0.05)
+
+
+def test_cli_wrong_channel_is_one_line_and_the_channel_used_is_printed(sxm_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from stm_agent.agent.cli import app
+
+    scan = sxm_dir / "porphyrin_pair_128_up_nan51pct.sxm"
+    r = CliRunner().invoke(app, ["recognize", str(scan), "--channel", "Curent", "--out", str(tmp_path),
+                                 "--refs", str(tmp_path / "refs")])
+    text = " ".join(r.output.split())  # rich wraps long lines
+    assert r.exit_code != 0 and "Traceback" not in text
+    assert "no channel 'Curent'" in text and "Z, Current" in text
+    r = CliRunner().invoke(app, ["recognize", str(scan), "--out", str(tmp_path), "--refs", str(tmp_path / "refs")])
+    assert r.exit_code == 0, r.output
+    assert "channel Current" in " ".join(r.output.split())
+    out = json.loads((tmp_path / "porphyrin_pair_128_up_nan51pct.stm-agent.json").read_text())
+    assert out["scan"]["channel"] == "Current" and out["detection"]["method"] == "scale"
+    assert out["detection"]["channel"]["reason"].startswith("Z is flat")
