@@ -191,8 +191,10 @@ def estimate_object_size(image: np.ndarray, pixel_size_nm: tuple[float, float],
         f = cv2.resize(f, (max(1, nx // k), max(1, ny // k)), interpolation=cv2.INTER_AREA)
         if valid is not None:
             valid = cv2.resize(valid.astype(np.uint8), (f.shape[1], f.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
-    lo_px = max(AUTO_MIN_EXTENT_PX, (lo_nm / dx) if lo_nm else 0.0)
-    hi_px = min(max(min(nx, ny * ratio) / 4.0, 2 * lo_px), (hi_nm / dx) if hi_nm else np.inf)
+    cap = max(AUTO_MIN_EXTENT_PX, min(nx, ny * ratio) / 4.0)  # no object larger than a quarter frame
+    lo_px = min(max(AUTO_MIN_EXTENT_PX, (lo_nm / dx) if lo_nm else 0.0), cap)
+    hi_px = min(max(cap, 2 * lo_px) if not hi_nm else hi_nm / dx, cap)
+    hi_px = max(hi_px, lo_px)
     ext = lo_px * 2.0 ** (np.arange(-1, 41) / 4.0)
     ext = ext[ext <= hi_px * 2 ** 0.25 * 1.0001]
     if len(ext) < 3:
@@ -352,7 +354,10 @@ def scale_detect(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: Seg
     if not size_nm:
         lo, hi = size_range_nm if size_range_nm else (None, None)
         size_nm = estimate_object_size(f if signs[0] > 0 else -f, (dx, dy), lo, hi, valid=valid)
-    size_px = (size_nm / dx, size_nm / dy)
+    # an object is at most the frame (a wrong pixel size in the header must not allocate without bound)
+    ny, nx = f.shape
+    size_nm = float(min(size_nm, max(nx * dx, ny * dy)))
+    size_px = (max(size_nm / dx, 1.0), max(size_nm / dy, 1.0))
     regions: list[Region] = []
     info: dict[str, Any] = {"object_size_nm": float(size_nm), "size_source": source}
     offset = 0
