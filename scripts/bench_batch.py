@@ -42,15 +42,15 @@ def make_refs(folder: Path) -> None:
     ReferenceLibrary(folder).add("adsorbate", crop, px, prov)
 
 
-def cfg_for(tmp: Path, refs: Path) -> AgentConfig:
-    return AgentConfig(references={"folder": str(refs)}, acquisition={"enabled": False},
+def cfg_for(tmp: Path, refs: Path, root: Path = DATA / "sxm") -> AgentConfig:
+    return AgentConfig(references={"folder": str(refs)}, acquisition={"enabled": False, "folder": str(root.resolve())},
                        results={"store": str(tmp / "d.sqlite"), "out_dir": str(tmp / "d_out")},
                        publish={"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0, "query_endpoint": None})
 
 
 def daemon_rate(files: list[Path], tmp: Path, refs: Path, pixel_size: float | None) -> float:
     """Frames/s of the daemon's worker (Agent.process_next) over ``files`` queued in its inbox."""
-    agent = Agent(cfg_for(tmp, refs), sources=[])
+    agent = Agent(cfg_for(tmp, refs, files[0].parent), sources=[])
     try:
         for p in files:
             agent.submit(Arrival(path=p, frame_id=hashlib.sha256(p.read_bytes()).hexdigest(), size=p.stat().st_size,

@@ -44,11 +44,14 @@ def refs(sxm_dir, tmp_path_factory) -> Path:
     return folder
 
 
+SXM = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sxm"
+
+
 def _cfg(tmp_path: Path, refs: Path) -> AgentConfig:
     return AgentConfig(references={"folder": str(refs)}, results={"store": str(tmp_path / "daemon.sqlite"),
                                                                   "out_dir": str(tmp_path / "daemon_out")},
                        publish={"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0, "query_endpoint": None},
-                       acquisition={"enabled": False})
+                       acquisition={"enabled": False, "folder": str(SXM.resolve())})  # the daemon's read root
 
 
 def _rows(store_path: Path) -> dict[str, dict]:
