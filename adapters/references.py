@@ -26,6 +26,7 @@ changing it does not re-embed the poses.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from stm_agent.adapters.files import write_new
 from stm_agent.agent import descriptors as D
 from stm_agent.agent.config import NormaliseConfig
 from stm_agent.agent.errors import ReferenceLibraryError
@@ -362,9 +364,9 @@ class ReferenceLibrary:
             out.height_unit = desc.height_unit
             extra = dict(ref_desc=out.ref_desc, desc_std=out.desc_std, desc_center=out.desc_center,
                          desc_scale=out.desc_scale, height_unit=np.array(out.height_unit))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, emb=out.emb, species_idx=out.species_idx, angle_deg=out.angle_deg, mirrored=out.mirrored,
+        buf = io.BytesIO()
+        np.savez(buf, emb=out.emb, species_idx=out.species_idx, angle_deg=out.angle_deg, mirrored=out.mirrored,
                  species=np.array(names), ref_idx=out.ref_idx, window_nm=np.float64(out.window_nm), **extra)
-        tmp.replace(cache)
+        # atomically, never through a symlink planted in the cache folder (adapters/files.py)
+        write_new(cache.parent, cache.name, buf.getvalue(), make_dirs=True)
         return out
