@@ -22,6 +22,7 @@ Table ``objects`` (one row per detection, objects cut by the edge included with 
     bbox_x_px, bbox_y_px, bbox_w_px, bbox_h_px, area_nm2, pose_angle_deg, pose_mirrored,
     score_<species> ... (best similarity per species)
 
+Floats carry 12 significant digits (no conversion noise such as ``9.999996999999999``).
 CSV: header row, empty cell for None. JSON: an array of row objects. Parquet needs pyarrow
 (``pip install "stm-agent[parquet]"``).
 """
@@ -79,8 +80,12 @@ def _pair(v: Any) -> tuple[Any, Any]:
     return (v[0], v[1]) if isinstance(v, (list, tuple)) and len(v) >= 2 else (None, None)
 
 
-def _finite(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
+def _clean(v: Any) -> Any:
+    """A cell as exported: NaN/inf -> None; floats to 12 significant digits, so the noise of unit
+    conversions (``9.999996999999999`` for 9.999997 nm) and of products does not reach the table."""
+    if not isinstance(v, float):
+        return v
+    return float(f"{v:.12g}") if math.isfinite(v) else None
 
 
 def _connect(store_path: Path) -> sqlite3.Connection:
@@ -160,7 +165,7 @@ def _frame_rows(rows: list[sqlite3.Row]) -> tuple[list[str], list[dict[str, Any]
             n = counts.get(s)
             row[f"density_{s}_per_nm2"] = n / area if n is not None and area else None
         row["config_digest"] = r["config_digest"]
-        out.append({k: _finite(v) for k, v in row.items()})
+        out.append({k: _clean(v) for k, v in row.items()})
     return columns, out
 
 
@@ -185,7 +190,7 @@ def _object_rows(rows: list[sqlite3.Row]) -> tuple[list[str], list[dict[str, Any
             scores = d.get("scores") or {}
             for s in species:
                 row[f"score_{s}"] = scores.get(s)
-            out.append({k: _finite(v) for k, v in row.items()})
+            out.append({k: _clean(v) for k, v in row.items()})
     return columns, out
 
 
@@ -223,6 +228,8 @@ def export_results(store_path: Path, out: Path | IO[str], fmt: Format = "csv", t
         The store is missing or unreadable.
     ExportError
         Unknown format/table, parquet to a text stream, pyarrow missing, ``out`` not writable.
+    BrokenPipeError
+        ``out`` is a pipe whose reader has gone (``stm-agent results export | head``).
     """
     if fmt not in ("csv", "json", "parquet"):
         raise ExportError(fmt, "unknown format; use csv, json or parquet")
@@ -237,6 +244,8 @@ def export_results(store_path: Path, out: Path | IO[str], fmt: Format = "csv", t
                 _write_text(fmt, columns, rows, f)
         else:
             _write_text(fmt, columns, rows, out)
+    except BrokenPipeError:
+        raise  # the reader of a pipe went away (`| head`): the caller decides, it is no write error
     except OSError as exc:
         raise ExportError(str(out), f"cannot write the export ({exc.strerror or exc})") from exc
     log.info("exported %d %s rows of %s as %s", len(rows), table, store_path, fmt)

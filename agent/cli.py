@@ -12,6 +12,10 @@
     stm-agent status                           what a running agent is doing
     stm-agent results export                   per-frame / per-object tables (csv, json, parquet)
     stm-agent batch FOLDER... --out DIR        recount whole archives in parallel (resumable)
+    stm-agent --version                        the installed version
+
+A plausible mistake (wrong path, endpoint, value, missing extra) prints one line ``error: ...`` on
+stderr and exits with 2 (1: some scans were skipped, or no agent answered); never a traceback.
 """
 
 from __future__ import annotations
@@ -25,8 +29,6 @@ from typing import Optional
 
 import numpy as np
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from stm_agent.agent.cli_batch import batch
@@ -35,17 +37,16 @@ from stm_agent.agent.cli_evaluate import evaluate
 from stm_agent.agent.cli_feed import replay
 from stm_agent.agent.cli_service import results_app, status
 from stm_agent.agent.config import AgentConfig, default_yaml_text, load_config
+from stm_agent.agent.console import console, err_console, esc, fail, typer_app
 from stm_agent.agent.errors import StmAgentError
 
-app = typer.Typer(
+app = typer_app(
     help="stm-agent: recognise and count molecules in STM scans as the microscope scans, "
     "training-free (UniMR), and publish the counts live on ZeroMQ.",
-    no_args_is_help=True,
     add_completion=False,
 )
-refs_app = typer.Typer(help="The reference library: one example per species you want counted.",
-                       no_args_is_help=True)
-config_app = typer.Typer(help="Configuration files.", no_args_is_help=True)
+refs_app = typer_app(help="The reference library: one example per species you want counted.")
+config_app = typer_app(help="Configuration files.")
 app.add_typer(refs_app, name="refs")
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
@@ -55,27 +56,48 @@ app.command()(replay)
 app.command()(evaluate)
 app.command()(batch)
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("stm-agent")
+        except PackageNotFoundError:  # pragma: no cover - running from a checkout without install
+            v = "unknown (not installed)"
+        typer.echo(f"stm-agent {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the installed version and exit."),
+) -> None:
+    """stm-agent: recognise and count molecules in STM scans as the microscope scans, training-free
+    (UniMR), and publish the counts live on ZeroMQ."""
+
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration (see `stm-agent config init`).")
 RefsOpt = typer.Option(None, "--refs", help="Reference library folder (default: references.folder of the config).")
 
 
-def _fail(e: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(code=2)
+_fail = fail
+
+#: Config keys set by command-line options, and the option a config error about them names.
+_OPTION_OF = {"match.threshold": "--threshold", "channel": "--channel", "references.folder": "--refs",
+              "acquisition.folder": "--folder", "publish.endpoint": "--endpoint"}
 
 
 def _config(path: Optional[Path], refs: Optional[Path] = None, **over) -> AgentConfig:
     overrides: dict = {k: v for k, v in over.items() if v is not None}
     if refs is not None:
-        overrides.setdefault("references", {})["folder"] = str(refs)
+        overrides["references.folder"] = str(refs)
     try:
-        return load_config(path, overrides=_nest(overrides))
+        return load_config(path, overrides=_nest(overrides),
+                           override_origins={k: _OPTION_OF.get(k, "command line") for k in overrides})
     except StmAgentError as e:
-        _fail(e)
-        raise  # unreachable
+        fail(e)
 
 
 def _nest(flat: dict) -> dict:
@@ -106,7 +128,7 @@ def _counts_table(counts: dict[str, int], n_edge: int) -> Table:
     t.add_column("species")
     t.add_column("count", justify="right")
     for s, n in counts.items():
-        t.add_row(s, str(n))
+        t.add_row(esc(s), str(n))
     t.add_row("[dim]cut by the edge (not counted)[/]", f"[dim]{n_edge}[/]")
     return t
 
@@ -121,7 +143,7 @@ def _expand_scans(paths: list[Path], images: bool) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
             if not found:
-                err_console.print(f"[yellow]no scan ({', '.join(suffixes)}) in folder[/] {escape(str(p))}")
+                err_console.print(f"[yellow]no scan ({', '.join(suffixes)}) in folder[/] {esc(p)}")
             out += found
         else:
             out.append(p)
@@ -149,10 +171,12 @@ def recognize(
     from stm_agent.agent.pipeline import Recognizer
 
     cfg = _config(config, refs, **{"match.threshold": threshold, "channel": channel})
+    if out is not None:
+        _writable_folder(out, "--out")
     try:
         rec = Recognizer.from_config(cfg, allow_empty=True)
     except StmAgentError as e:
-        _fail(e)
+        fail(e)
     paths = _expand_scans(scans, images=pixel_size is not None)
     failed = 0
     rows: list[tuple[str, dict[str, int] | None, str]] = []
@@ -161,15 +185,15 @@ def recognize(
             scan = read_scan(path, pixel_size_nm=pixel_size)
             result = rec.recognise(scan)
         except StmAgentError as e:
-            err_console.print(f"[red]skipped[/] {escape(str(e))}")
+            err_console.print(f"[red]skipped[/] {esc((e))}")
             rows.append((path.name, None, getattr(e, "reason", None) or str(e)))
             failed += 1
             continue
         n_edge = sum(1 for d in result.detections if d.touches_edge)
         det = result.detection
-        note = f"\n  [yellow]note:[/] {escape(det['note'])}" if det.get("note") else ""
-        console.print(f"[bold]{escape(path.name)}[/]  [dim]channel {escape(str(result.channel))}, "
-                      f"detector {escape(str(det.get('method')))}, encoder {escape(result.encoder_label)}, "
+        note = f"\n  [yellow]note:[/] {esc(det['note'])}" if det.get("note") else ""
+        console.print(f"[bold]{esc(path.name)}[/]  [dim]channel {esc((result.channel))}, "
+                      f"detector {esc((det.get('method')))}, encoder {esc(result.encoder_label)}, "
                       f"{result.timings_ms.get('total', 0):.0f} ms, {result.scan.get('completeness', 1):.0%} of lines[/]{note}")
         console.print(_counts_table(result.counts, n_edge))
         try:  # one unwritable folder does not stop the rest of the list
@@ -177,11 +201,11 @@ def recognize(
                                        write_json=True, write_overlay=True)
         except (OSError, StmAgentError) as e:
             why = f"{e.filename or out or path.parent}: {e.strerror}" if isinstance(e, OSError) and e.strerror else str(e)
-            err_console.print(f"[red]not written[/] {why}")
+            err_console.print(f"[red]not written[/] {esc(why)}", soft_wrap=True)
             failed += 1
             continue
         for f in files:
-            console.print(f"  wrote {escape(str(f))}")
+            console.print(f"  wrote {esc((f))}")
         rows.append((path.name, dict(result.counts), ""))
     if len(paths) > 1:
         console.print(_summary_table(rows))
@@ -199,18 +223,30 @@ def _summary_table(rows: list[tuple[str, dict[str, int] | None, str]]) -> Table:
     t = Table(title=f"{len(rows)} scans", title_justify="left")
     t.add_column("scan")
     for s in species:
-        t.add_column(escape(s), justify="right")
+        t.add_column(esc(s), justify="right")
     t.add_column("total", justify="right")
     total = {s: 0 for s in species}
     for name, counts, reason in rows:
         if counts is None:
-            t.add_row(escape(name), *([""] * len(species)), f"[red]error: {escape(reason)}[/]")
+            t.add_row(esc(name), *([""] * len(species)), f"[red]error: {esc(reason)}[/]")
             continue
         for s in species:
             total[s] += counts.get(s, 0)
-        t.add_row(escape(name), *(str(counts.get(s, 0)) for s in species), str(sum(counts.values())))
+        t.add_row(esc(name), *(str(counts.get(s, 0)) for s in species), str(sum(counts.values())))
     t.add_row("[bold]all[/]", *(str(total[s]) for s in species), str(sum(total.values())))
     return t
+
+
+def _writable_folder(folder: Path, option: str) -> None:
+    """Create ``folder`` if needed and check that a file can be written in it (else one-line error)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".stm-agent-write-test-"):
+            pass
+    except OSError as e:
+        fail(f"{folder}: {option} is not a writable folder ({e.strerror or e})")
 
 
 @refs_app.command("add")
@@ -253,8 +289,8 @@ def refs_add(
             crop, psize, prov = reference_crop_at(s, x, y, units="px" if px else "nm", cfg=cfg)
             path = lib.add(species, crop, psize, prov)
     except StmAgentError as e:
-        _fail(e)
-    console.print(f"added reference of [bold]{species}[/]: {path}", soft_wrap=True)
+        fail(e)
+    console.print(f"added reference of [bold]{esc(species)}[/]: {esc(path)}", soft_wrap=True)
 
 
 @refs_app.command("list")
@@ -264,7 +300,7 @@ def refs_list(refs: Optional[Path] = RefsOpt, config: Optional[Path] = ConfigOpt
 
     cfg = _config(config, refs)
     lib = ReferenceLibrary(cfg.references.folder)
-    t = Table(title=f"references in {cfg.references.folder}", title_justify="left")
+    t = Table(title=f"references in {esc(cfg.references.folder)}", title_justify="left")
     t.add_column("species")
     t.add_column("example")
     t.add_column("from")
@@ -272,11 +308,11 @@ def refs_list(refs: Optional[Path] = RefsOpt, config: Optional[Path] = ConfigOpt
     try:
         entries = lib.entries()
     except StmAgentError as e:
-        _fail(e)
+        fail(e)
     for e in entries:
         prov = e.provenance if hasattr(e, "provenance") else {}
         src = prov.get("scan") or prov.get("image") or ""
-        t.add_row(e.species, Path(str(e.path)).name, Path(str(src)).name if src else "",
+        t.add_row(esc(e.species), esc(Path(str(e.path)).name), esc(Path(str(src)).name) if src else "",
                   " x ".join(f"{float(v):.4g}" for v in np.atleast_1d(e.pixel_size_nm)))
     console.print(t)
 
@@ -285,7 +321,8 @@ def refs_list(refs: Optional[Path] = RefsOpt, config: Optional[Path] = ConfigOpt
 def run(
     config: Optional[Path] = ConfigOpt,
     folder: Optional[Path] = typer.Option(None, "--folder", help="Acquisition folder to watch "
-                                          "(default ./acquisition)."),
+                                          "(default acquisition.folder of the config, ./acquisition). "
+                                          "It must exist."),
     refs: Optional[Path] = RefsOpt,
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="ZeroMQ PUB endpoint "
                                            "(default tcp://127.0.0.1:5556)."),
@@ -297,31 +334,57 @@ def run(
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if folder is not None and not folder.is_dir():
+        fail(f"{folder}: --folder " + ("is not a folder" if folder.exists() else
+                                        "does not exist (create it first, or fix the path)"))
+    if endpoint is not None:
+        _check_endpoint(endpoint, "--endpoint")
     cfg = _config(config, refs, **{"acquisition.folder": str(folder) if folder else None,
                                    "publish.endpoint": endpoint})
+    created = cfg.acquisition.enabled and not cfg.acquisition.folder.exists()
     try:
         agent = Agent(cfg)
     except StmAgentError as e:
-        _fail(e)
+        fail(e)
     install_signal_handlers(agent)
     where = []
     if cfg.acquisition.enabled:
-        where.append(f"watching [bold]{cfg.acquisition.folder.resolve()}[/]")
+        where.append(f"watching [bold]{esc(cfg.acquisition.folder.resolve())}[/]"
+                     + (" (created: it did not exist)" if created else ""))
     if cfg.controller.enabled:
-        where.append(f"subscribed to the controller feed [bold]{cfg.controller.endpoint}[/]")
+        where.append(f"subscribed to the controller feed [bold]{esc(cfg.controller.endpoint)}[/]")
     if cfg.nanonis.enabled:
-        where.append(f"waiting on Nanonis TCP [bold]{cfg.nanonis.host}:{cfg.nanonis.port}[/]")
+        where.append(f"waiting on Nanonis TCP [bold]{esc(cfg.nanonis.host)}:{cfg.nanonis.port}[/]")
     console.print(f"stm-agent {', '.join(where) or 'with no source enabled'}; publishing on "
-                  f"[bold]{cfg.publish.endpoint}[/] (Ctrl-C stops)")
+                  f"[bold]{esc(cfg.publish.endpoint)}[/]; encoder {esc(agent._encoder_id() or cfg.encoder.name)} "
+                  f"on {esc(_provider_words(agent.provider()))} (Ctrl-C stops)", soft_wrap=True)
     try:
         agent.run()
     except StmAgentError as e:
-        _fail(e)
+        fail(e)
+
+
+def _provider_words(provider: Optional[str]) -> str:
+    if provider is None:
+        return "the CPU (numpy; no onnxruntime model)"
+    return {"CUDAExecutionProvider": "the GPU (onnxruntime CUDA)",
+            "CPUExecutionProvider": "the CPU (onnxruntime)"}.get(provider, f"onnxruntime {provider}")
+
+
+def _check_endpoint(endpoint: str, option: str) -> None:
+    """One-line error for an endpoint ZeroMQ cannot use (``localhost:5556`` instead of
+    ``tcp://localhost:5556``)."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+        hint = f" (did you mean tcp://{endpoint}?)" if not sep else ""
+        fail(f"{endpoint}: {option} must be a ZeroMQ endpoint such as tcp://127.0.0.1:5556{hint}")
 
 
 @app.command()
 def listen(
-    endpoint: str = typer.Option("tcp://127.0.0.1:5556", "--endpoint", help="Agent's PUB endpoint."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="The agent's PUB endpoint "
+                                           "(default: publish.endpoint of the config, tcp://127.0.0.1:5556)."),
+    config: Optional[Path] = ConfigOpt,
     query_endpoint: Optional[str] = typer.Option("tcp://127.0.0.1:5557", "--query-endpoint",
                                                  help="Agent's query endpoint, used to fetch frames missed "
                                                  "(a gap in frame_seq); 'none' = do not fetch."),
@@ -339,11 +402,17 @@ def listen(
     from stm_agent.adapters.query import GapFiller
     from stm_agent.adapters.zmq_io import Subscriber
 
+    if endpoint is None:
+        endpoint = _config(config).publish.endpoint
+        if "*" in endpoint or "0.0.0.0" in endpoint:  # a bind address: connect to this machine
+            endpoint = endpoint.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
+    _check_endpoint(endpoint, "--endpoint")
     try:
         sub = Subscriber(endpoint, ["frame.counts", "agent.status", "agent.heartbeat"])
     except StmAgentError as e:
-        _fail(e)
+        fail(e)
     gaps = GapFiller(None if (query_endpoint or "").lower() in ("", "none") else query_endpoint)
+    err_console.print(f"[dim]listening on {esc(endpoint)} for frame.counts (Ctrl-C stops) ...[/]", soft_wrap=True)
     seen = 0
     last = time.monotonic()
 
@@ -351,22 +420,24 @@ def listen(
         if as_json:
             print(json.dumps({"topic": topic, **msg, **({"recovered": True} if recovered else {})}), flush=True)
         elif topic == "agent.status":
-            console.print(f"[dim]{msg.get('agent_id')}: {msg.get('state')} (config {msg.get('config_digest')})[/]")
+            console.print(f"[dim]{esc(msg.get('agent_id'))}: {esc(msg.get('state'))} "
+                          f"(config {esc(msg.get('config_digest'))})[/]", soft_wrap=True)
         elif msg.get("status") == "error":
-            console.print(f"[red]{msg.get('name') or msg.get('frame_id')}: error: {msg.get('reason')}[/]")
+            console.print(f"[red]{esc(msg.get('name') or msg.get('frame_id'))}: error: {esc(msg.get('reason'))}[/]",
+                          soft_wrap=True)
         else:
-            counts = "  ".join(f"{k}={v}" for k, v in (msg.get("counts") or {}).items())
+            counts = esc("  ".join(f"{k}={v}" for k, v in (msg.get("counts") or {}).items()))
             note = " [yellow](recovered)[/]" if recovered else (" [yellow](redelivered)[/]" if msg.get("redelivered")
                                                                else "")
-            console.print(f"[bold]{msg.get('name') or msg.get('frame_id')}[/]  {counts}{note}  "
-                          f"[dim]({msg.get('latency_ms', 0):.0f} ms, frame_seq {msg.get('frame_seq')})[/]")
+            console.print(f"[bold]{esc(msg.get('name') or msg.get('frame_id'))}[/]  {counts}{note}  "
+                          f"[dim]({msg.get('latency_ms', 0):.0f} ms, frame_seq {msg.get('frame_seq')})[/]", soft_wrap=True)
 
     try:
         while count == 0 or seen < count:
             got = sub.recv(timeout_ms=500)
             if got is None:
                 if timeout and time.monotonic() - last > timeout:
-                    err_console.print(f"no frame from {endpoint} in {timeout:g} s")
+                    err_console.print(f"no frame from {esc(endpoint)} in {timeout:g} s", soft_wrap=True)
                     raise typer.Exit(code=1)
                 continue
             topic, msg = got

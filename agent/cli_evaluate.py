@@ -14,12 +14,10 @@ from typing import Optional
 import numpy as np
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
+from stm_agent.agent.console import console, esc, fail
 from stm_agent.agent.errors import StmAgentError
-
-console = Console()
 
 
 def _overrides(items: list[str]) -> dict:
@@ -74,6 +72,10 @@ def evaluate(
     csv_out: bool = typer.Option(False, "--csv", help="Also write the per-object CSV."),
 ) -> None:
     """Evaluate recognition on labelled data: per-class P/R/F1, confusion, threshold sweep, seed spread."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        fail('evaluate draws its confusion and sweep plots with matplotlib: pip install "stm-agent[plots]"')
     from stm_agent.adapters.labelled import load_labelled
     from stm_agent.adapters.plots import plot_confusion, plot_sweep
     from stm_agent.agent.config import load_config
@@ -95,13 +97,12 @@ def evaluate(
         )
         report, scored = run_eval(lset, cfg, st)
     except StmAgentError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(code=2)
+        fail(e)
     report["overrides"] = over
     stem = _slug(name or lset.name)
     out.mkdir(parents=True, exist_ok=True)
     rows, cols = report["confusion_rows"], report["confusion_cols"]
-    tab = Table(title=f"{lset.name} ({report['mode']}, threshold {st.threshold} {st.threshold_mode}, "
+    tab = Table(title=f"{esc(lset.name)} ({report['mode']}, threshold {st.threshold} {st.threshold_mode}, "
                       f"{len(st.seeds) if not (st.reference_ids or st.references) else 1} draw(s), K={k})")
     for c in ("entry", "micro P", "micro R", "micro F1", "macro F1", "F1 fixed", "F1 gmm", "gmm t", "best t", "F1@best", "plateau", "det. recall",
               "chosen"):
@@ -112,7 +113,7 @@ def evaluate(
         mi, ma, b = s["micro"], s["macro"], s["best"]
         pm = lambda d: f"{d['mean']:.2f}±{d['std']:.2f}"  # noqa: E731
         g = s["gmm"]
-        tab.add_row(r["label"], pm(mi["precision"]), pm(mi["recall"]), pm(mi["f1"]), pm(ma["f1"]),
+        tab.add_row(esc(r["label"]), pm(mi["precision"]), pm(mi["recall"]), pm(mi["f1"]), pm(ma["f1"]),
                     pm(g["fixed_micro_f1"]), pm(g["micro"]["f1"]),
                     f"{g['threshold']['mean']:.2f} ({g['n_fallback']}/{g['n_groups']} fb)",
                     f"{b['best_threshold']:.2f}", f"{b['best_f1']:.2f}", f"{b['plateau'][0]:.2f}-{b['plateau'][1]:.2f}",
@@ -129,23 +130,24 @@ def evaluate(
     report["sweep_png"] = sweep_png.name
     console.print(tab)
     for e, r in report["results"].items():
-        ct = Table(title=f"{r['label']}: per class (mean over draws)")
+        ct = Table(title=f"{esc(r['label'])}: per class (mean over draws)")
         for c in ("class", "P", "R", "F1", "support"):
             ct.add_column(c, justify="left" if c == "class" else "right")
         for c, v in r["summary"]["per_class"].items():
-            ct.add_row(c, f"{v['precision']['mean']:.2f}", f"{v['recall']['mean']:.2f}", f"{v['f1']['mean']:.2f}",
+            ct.add_row(esc(c), f"{v['precision']['mean']:.2f}", f"{v['recall']['mean']:.2f}", f"{v['f1']['mean']:.2f}",
                        f"{v['support']['mean']:.0f}")
         console.print(ct)
-        cm = Table(title=f"{r['label']}: confusion (rows true, columns predicted; summed over draws)")
+        cm = Table(title=f"{esc(r['label'])}: confusion (rows true, columns predicted; summed over draws)")
         cm.add_column("true \\ pred")
         for c in cols:
-            cm.add_column(c, justify="right")
+            cm.add_column(esc(c), justify="right")
         for lab, row in zip(rows, r["summary"]["confusion_summed"]):
-            cm.add_row(lab, *map(str, row))
+            cm.add_row(esc(lab), *map(str, row))
         console.print(cm)
     js = out / f"{stem}.json"
     js.write_text(json.dumps(is_finite_json(report), indent=1, default=str), encoding="utf-8")
-    console.print(f"wrote {js}, {sweep_png.name} and {len(report['results'])} confusion PNG(s) in {out}")
+    console.print(f"wrote {esc(js)}, {esc(sweep_png.name)} and {len(report['results'])} confusion PNG(s) in {esc(out)}",
+                  soft_wrap=True)
     if csv_out:
         path = out / f"{stem}_objects.csv"
         with path.open("w", newline="", encoding="utf-8") as f:
@@ -157,4 +159,4 @@ def evaluate(
                         w = csv.DictWriter(f, fieldnames=list(row))
                         w.writeheader()
                     w.writerow(row)
-        console.print(f"wrote {path}")
+        console.print(f"wrote {esc(path)}", soft_wrap=True)

@@ -11,18 +11,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from stm_agent.adapters.replay import MODES, ReplayFeed, SentFrame
+from stm_agent.agent.console import console, err_console, esc, fail
 from stm_agent.agent.errors import StmAgentError
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(e: object) -> None:
-    err_console.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(code=2)
 
 
 def replay(
@@ -55,18 +47,18 @@ def replay(
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if mode not in MODES:
-        _fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+        fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     try:
         feed = ReplayFeed(folder, endpoint, mode=mode, interval_s=interval, count=count,  # type: ignore[arg-type]
                           unique=unique, channel=channel, direction=direction, ack=ack,
                           curve_secret_file=curve_secret)
     except StmAgentError as e:
-        _fail(e)
+        fail(e)
         return
     stop = threading.Event()
     sent: list[SentFrame] = []
     with feed:
-        console.print(f"replaying [bold]{len(feed.files)}[/] scan(s) from {folder} on [bold]{feed.endpoint}[/] "
+        console.print(f"replaying [bold]{len(feed.files)}[/] scan(s) from {esc(folder)} on [bold]{esc(feed.endpoint)}[/] "
                       f"as scan.{mode}, {feed.count if not feed.once else len(feed.files)} frame(s), "
                       f"every {interval:g} s" + (" (unique)" if unique else ""), soft_wrap=True)
         if wait_subscriber > 0:
@@ -76,7 +68,7 @@ def replay(
 
         def show(f: SentFrame) -> None:
             sent.append(f)
-            console.print(f"  {f.index:5d}  {f.topic:10s}  {f.name}  [dim]{f.frame_id[:12]}  {f.size} bytes[/]",
+            console.print(f"  {f.index:5d}  {f.topic:10s}  {esc(f.name)}  [dim]{f.frame_id[:12]}  {f.size} bytes[/]",
                           soft_wrap=True)
 
         try:
@@ -85,9 +77,9 @@ def replay(
             stop.set()
             console.print("[yellow]interrupted[/]")
         except StmAgentError as e:
-            _fail(e)
+            fail(e)
         for name, why in feed.skipped.items():
-            err_console.print(f"[yellow]skipped[/] {name}: {why}", soft_wrap=True)
+            err_console.print(f"[yellow]skipped[/] {esc(name)}: {esc(why)}", soft_wrap=True)
     console.print(f"sent [bold]{len(sent)}[/] frame(s), {len({f.frame_id for f in sent})} distinct")
     if ack:
         states = {}

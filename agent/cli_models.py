@@ -13,12 +13,21 @@ from typing import Optional
 
 import numpy as np
 import typer
-from rich.console import Console
 
+from stm_agent.agent.console import fail, typer_app
 from stm_agent.agent.errors import StmAgentError
 
-models_app = typer.Typer(help="Encoder models: export open_clip to ONNX for the runtime.", no_args_is_help=True)
-_err = Console(stderr=True)
+models_app = typer_app(help="Encoder models: export open_clip to ONNX for the runtime.")
+
+#: Modules ``models export`` needs (the ``export`` extra), with the distribution that provides them.
+EXPORT_MODULES = {"torch": "torch", "open_clip": "open_clip_torch", "onnx": "onnx", "onnxscript": "onnxscript"}
+
+
+def missing_export_modules() -> list[str]:
+    """Distributions of the ``export`` extra that are not installed (empty when export can run)."""
+    import importlib.util
+
+    return [dist for mod, dist in EXPORT_MODULES.items() if importlib.util.find_spec(mod) is None]
 
 
 @models_app.callback()
@@ -61,16 +70,15 @@ def export_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model in OUT."),
 ) -> None:
     """Export the image tower of an open_clip model to ONNX, check it, write model.json."""
-    try:
-        from stm_agent.models.export import export_clip
-    except ImportError as e:  # pragma: no cover - depends on the installed extras
-        _err.print(f"[bold red]error:[/] export needs `pip install stm-agent[export]` ({e})")
-        raise typer.Exit(code=2)
+    missing = missing_export_modules()
+    if missing:
+        fail(f'models export needs the export extra: pip install "stm-agent[export]" (missing: {", ".join(missing)})')
+    from stm_agent.models.export import export_clip
+
     crops = load_check_crops(check_dir) if check_dir else None
     try:
         rep = export_clip(arch, None if pretrained.lower() == "none" else pretrained, out, fp16=fp16, int8=int8,
                           check_crops=crops, offline=offline, overwrite=overwrite)
     except StmAgentError as e:
-        _err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(code=2)
+        fail(e)
     typer.echo(json.dumps(rep.to_json(), indent=2))

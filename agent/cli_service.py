@@ -17,18 +17,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from stm_agent.agent.config import AgentConfig, load_config
+from stm_agent.agent.console import console, err_console, esc, fail, typer_app
 from stm_agent.agent.errors import StmAgentError
 
 __all__ = ["results_app", "status", "store_summary"]
 
-results_app = typer.Typer(help="Results recorded by the agent (the SQLite store).", no_args_is_help=True)
-
-console = Console()
-err_console = Console(stderr=True)
+results_app = typer_app(help="Results recorded by the agent (the SQLite store).")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration (see `stm-agent config init`).")
 
@@ -44,17 +41,11 @@ class ExportTable(str, Enum):
     objects = "objects"
 
 
-def _fail(e: Exception | str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {e}")
-    raise typer.Exit(code=code)
-
-
 def _load(path: Optional[Path]) -> AgentConfig:
     try:
         return load_config(path)
     except StmAgentError as e:
-        _fail(e)
-        raise  # unreachable
+        fail(e)
 
 
 @results_app.command("export")
@@ -74,10 +65,19 @@ def results_export(
     path = store if store is not None else _load(config).results.store
     try:
         n = export_results(path, out if out is not None else sys.stdout, fmt.value, table.value)
+        if out is None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # `results export | head`: the reader closed the pipe. Not an error; point stdout at
+        # devnull so that Python's flush at exit does not complain either.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(code=0)
     except StmAgentError as e:
-        _fail(e)
+        fail(e)
     if out is not None:
-        err_console.print(f"exported {n} {table.value} rows to {out}")
+        err_console.print(f"exported {n} {table.value} rows to {esc(out)}", soft_wrap=True)
 
 
 def store_summary(path: Path, last: int = 5) -> dict[str, Any] | None:
@@ -129,7 +129,7 @@ def _print_agent(reply: dict[str, Any], endpoint: str) -> None:
     st = reply.get("status") or {}
     model = st.get("model") or {}
     refs = st.get("reference_set") or {}
-    t = Table(title=f"agent {reply.get('agent_id')} answering on {endpoint}", title_justify="left",
+    t = Table(title=f"agent {esc(reply.get('agent_id'))} answering on {esc(endpoint)}", title_justify="left",
               show_header=False)
     t.add_column("", style="bold")
     t.add_column("")
@@ -137,18 +137,26 @@ def _print_agent(reply: dict[str, Any], endpoint: str) -> None:
     t.add_row("frames done", str(st.get("frames_done")))
     t.add_row("errors", str(st.get("errors")))
     t.add_row("queue depth", str(st.get("queue_depth")))
+    pending = st.get("pending_files") or []
+    if st.get("pending"):
+        more = st["pending"] - len(pending)
+        t.add_row("waiting to complete", esc(", ".join(pending) + (f" and {more} more" if more > 0 else ""))
+                  or str(st["pending"]))
     last = st.get("last_frame_id")
-    t.add_row("last frame", f"{last[:12]} at {st.get('last_frame_at')}" if last else "none yet")
-    t.add_row("encoder", str(model.get("id") or model.get("name") or "none"))
-    t.add_row("species", ", ".join(refs.get("species") or []) or "none")
+    name = st.get("last_frame_name")
+    t.add_row("last frame", esc(f"{name or last[:12]} at {st.get('last_frame_at')}") if last else "none yet")
+    t.add_row("encoder", esc(model.get("id") or model.get("name") or "none"))
+    if model.get("provider"):
+        t.add_row("runs on", esc(model["provider"]))
+    t.add_row("species", esc(", ".join(refs.get("species") or []) or "none"))
     for name, stats in (st.get("sources") or {}).items():
-        t.add_row(f"source {name}", ", ".join(f"{k}={v}" for k, v in stats.items()))
+        t.add_row(f"source {esc(name)}", esc(", ".join(f"{k}={v}" for k, v in stats.items())))
     console.print(t)
 
 
 def _print_store(summary: dict[str, Any]) -> None:
     pend = summary["pending"]
-    console.print(f"store {summary['store']}: [bold]{summary['frames_ok']}[/] frames ok, "
+    console.print(f"store {esc(summary['store'])}: [bold]{summary['frames_ok']}[/] frames ok, "
                   f"[bold]{summary['frames_error']}[/] errors"
                   + (f", [bold]{pend}[/] pending" if pend is not None else ""), soft_wrap=True)
     if not summary["last_frames"]:
@@ -158,8 +166,8 @@ def _print_store(summary: dict[str, Any]) -> None:
         t.add_column(c)
     for f in summary["last_frames"]:
         what = f["reason"] if f["status"] == "error" else "  ".join(f"{k}={v}" for k, v in f["counts"].items())
-        t.add_row(str(f["processed_at"]), f["frame_id"][:12], Path(str(f["path"] or "")).name,
-                  "[red]error[/]" if f["status"] == "error" else "ok", str(what))
+        t.add_row(esc(f["processed_at"]), f["frame_id"][:12], esc(Path(str(f["path"] or "")).name),
+                  "[red]error[/]" if f["status"] == "error" else "ok", esc(what))
     console.print(t)
 
 
@@ -195,16 +203,17 @@ def status(
         try:
             summary = store_summary(cfg.results.store)
         except StmAgentError as e:
-            _fail(e)
+            fail(e)
     if json_out:
         print(json.dumps({"endpoint": ep, "agent": reply, "no_answer": why or None, "store": summary}))
     else:
         if reply is not None:
             _print_agent(reply, str(ep))
         else:
-            console.print(f"[yellow]no agent answered[/] on {ep or '(no query endpoint)'}: {why}", soft_wrap=True)
+            console.print(f"[yellow]no agent answered[/] on {esc(ep or '(no query endpoint)')}: {esc(why)}",
+                          soft_wrap=True)
             if summary is None:
-                console.print(f"and no results store at {cfg.results.store}", soft_wrap=True)
+                console.print(f"and no results store at {esc(cfg.results.store)}", soft_wrap=True)
             else:
                 _print_store(summary)
     if reply is None:

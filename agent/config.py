@@ -224,24 +224,46 @@ def default_yaml_text() -> str:
     return resources.files("stm_agent.config").joinpath("default.yaml").read_text(encoding="utf-8")
 
 
-def _format_errors(err: ValidationError, origin: str, data: dict | None = None) -> str:
+def _format_errors(err: ValidationError, origin: str, data: dict | None = None, overrides: dict | None = None,
+                   override_origins: dict[str, str] | None = None) -> str:
     lines = []
     for e in err.errors():
         key = rule_label(data or {}, tuple(e["loc"]))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{origin}: {key}: {msg}")
+        where = origin
+        node = overrides or {}
+        for part in e["loc"]:  # the value came from the overrides (a command-line option)?
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            where = (override_origins or {}).get(".".join(str(p) for p in e["loc"]), "command line")
+        lines.append(f"{where}: {key}: {msg}")
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> AgentConfig:
+def load_config(path: str | Path | None = None, overrides: dict | None = None,
+                override_origins: dict[str, str] | None = None) -> AgentConfig:
     """Load the default configuration, update it with ``path`` (YAML) and ``overrides``.
+
+    Parameters
+    ----------
+    path : str | Path, optional
+        A YAML file; keys it omits keep their defaults.
+    overrides : dict, optional
+        Nested values applied last (command-line options).
+    override_origins : dict[str, str], optional
+        ``{"match.threshold": "--threshold"}``: what an error about an overridden key names as its
+        origin (default ``"command line"``); errors about other keys name the file, or
+        ``config/default.yaml``.
 
     Raises
     ------
     ConfigError
-        The file is missing or not YAML, or a key/value is invalid (message names the key).
+        The file is missing or not YAML, or a key/value is invalid (message names the key and
+        where the value came from).
     """
     data = yaml.safe_load(default_yaml_text()) or {}
     origin = "config/default.yaml"
@@ -262,7 +284,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, origin, data)) from None
+        raise ConfigError(_format_errors(e, origin, data, overrides, override_origins)) from None
 
 
 def _deep_update(base: dict, new: dict) -> dict:

@@ -191,6 +191,7 @@ class Agent:
         self.errors = 0
         self.refused_writes = 0  # result files not written: their folder is outside the write roots
         self.last_frame_id: str | None = None
+        self.last_frame_name: str | None = None
         self.last_frame_at: str | None = None
         self.last_frame_seq = self.store.last_frame_seq()
         self._t_start = time.monotonic()
@@ -285,9 +286,9 @@ class Agent:
         cfg = self.cfg
         self._t_start = time.monotonic()
         species = self._species()
-        log.info("stm-agent %s starting: config digest %s; sources %s; publishing on %s; encoder %s; species %s",
-                 cfg.agent_id, self.config_digest, [s.name for s in self.sources] or "none", self.endpoint,
-                 self._encoder_id(), species)
+        log.info("stm-agent %s starting: config digest %s; sources %s; publishing on %s; encoder %s on %s; "
+                 "species %s", cfg.agent_id, self.config_digest, [s.name for s in self.sources] or "none",
+                 self.endpoint, self._encoder_id(), self.provider() or "numpy (no onnxruntime session)", species)
         log.info("effective configuration (digest %s): %s", self.config_digest, cfg.model_dump_json())
         try:
             self._start_services()
@@ -566,6 +567,7 @@ class Agent:
         self.last_frame_id = msg["frame_id"]
         if msg.get("frame_seq"):
             self.last_frame_seq = max(self.last_frame_seq, int(msg["frame_seq"]))
+        self.last_frame_name = msg.get("name")
         self.last_frame_at = msg["processed_at"]
         return sent
 
@@ -684,6 +686,13 @@ class Agent:
     def _encoder_id(self) -> str | None:
         return getattr(getattr(self.recognizer, "encoder", None), "id", None)
 
+    def provider(self) -> str | None:
+        """The onnxruntime execution provider the CLIP session actually runs on (read from the
+        session: ``CUDAExecutionProvider`` or ``CPUExecutionProvider``); None without an ONNX encoder."""
+        rec = self.recognizer
+        encoders = [getattr(rec, "encoder", None)] + [e for e, _ in (getattr(rec, "candidates", None) or {}).values()]
+        return next((e.provider for e in encoders if getattr(e, "provider", None)), None)
+
     def _make_sources(self) -> list[Source]:
         cfg, out = self.cfg, []
         if cfg.acquisition.enabled:
@@ -707,6 +716,7 @@ class Agent:
     def status(self) -> dict[str, Any]:
         """What the agent is doing now (the ``agent.heartbeat`` body; also the query's ``status``)."""
         folder = self.source
+        pending = folder.pending() if folder is not None else []
         enc = self.recognizer.encoder if hasattr(self.recognizer, "encoder") else None
         sources = {}
         for s in self.sources:
@@ -720,11 +730,13 @@ class Agent:
             "errors": self.errors,
             "refused_writes": self.refused_writes,
             "queue_depth": self.store.pending_count(),
-            "pending": len(folder.pending()) if folder is not None else 0,
+            "pending": len(pending),
+            "pending_files": [p.name for p in pending[:20]],
             "last_frame_id": self.last_frame_id,
+            "last_frame_name": self.last_frame_name,
             "last_frame_at": self.last_frame_at,
             "last_frame_seq": self.last_frame_seq,
-            "model": {"encoder": self.cfg.encoder.name, "id": getattr(enc, "id", None),
+            "model": {"encoder": self.cfg.encoder.name, "id": getattr(enc, "id", None), "provider": self.provider(),
                       "model_dir": str(self.cfg.encoder.model_dir) if self.cfg.encoder.model_dir else None},
             "reference_set": {"folder": str(self.cfg.references.folder), "species": self._species()},
             "sources": sources,

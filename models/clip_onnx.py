@@ -8,6 +8,9 @@ No torch, no open_clip at run time: preprocessing is :func:`models.preprocess.cl
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +21,8 @@ from stm_agent.models.base import l2_normalise
 from stm_agent.models.metadata import ModelMetadata, sha256_file
 from stm_agent.models.preprocess import clip_preprocess
 
+log = logging.getLogger(__name__)
+
 
 def available_providers() -> list[str]:
     """onnxruntime execution providers to use, best first: CUDA when available, then CPU."""
@@ -25,6 +30,55 @@ def available_providers() -> list[str]:
 
     have = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have] or have
+
+
+def create_session(path: str | Path, sess_options=None, providers: list[str] | None = None):
+    """An onnxruntime ``InferenceSession`` and the execution provider it actually runs on.
+
+    The provider is read from the session (``session.get_providers()[0]``), never from
+    ``get_available_providers()``, which lists CUDA whenever onnxruntime-gpu is installed, GPU
+    or not. With onnxruntime-gpu on a machine without a usable GPU (no device, no CUDA/cuDNN
+    libraries) the session runs on the CPU: onnxruntime's error lines about the missing CUDA
+    libraries are silenced and one INFO line says so.
+
+    Parameters
+    ----------
+    path : str | Path
+        The ``.onnx`` file.
+    sess_options : onnxruntime.SessionOptions, optional
+    providers : list[str], optional
+        Providers to try, best first; default :func:`available_providers`.
+
+    Returns
+    -------
+    (onnxruntime.InferenceSession, str)
+        The session and its provider, e.g. ``"CUDAExecutionProvider"`` or ``"CPUExecutionProvider"``.
+
+    Raises
+    ------
+    Exception
+        Whatever onnxruntime raises for a file it cannot load (callers wrap it in ``ModelError``).
+    """
+    import onnxruntime as ort
+
+    wanted = list(providers or available_providers())
+    if "CUDAExecutionProvider" not in wanted:
+        session = ort.InferenceSession(os.fspath(path), sess_options=sess_options, providers=wanted)
+        return session, session.get_providers()[0]
+    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA/cuDNN from the nvidia-* wheels
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            with contextlib.suppress(Exception):
+                ort.preload_dlls()
+    ort.set_default_logger_severity(4)  # a missing CUDA library is an ERROR line in onnxruntime's log
+    try:
+        session = ort.InferenceSession(os.fspath(path), sess_options=sess_options, providers=wanted)
+    finally:
+        ort.set_default_logger_severity(2)
+    used = session.get_providers()[0]
+    if used != "CUDAExecutionProvider":
+        log.info("onnxruntime: the CUDA execution provider is not usable here (no GPU, or no CUDA 12/13 and "
+                 "cuDNN 9 libraries: pip install \"stm-agent[gpu]\"); running on %s", used)
+    return session, used
 
 
 def session_options(precision: str = "fp32", threads: int = 0):
@@ -72,6 +126,8 @@ class ClipOnnxEncoder:
         The model's ``model.json``.
     dim : int
         Embedding length D (512 for ViT-B-32).
+    provider : str
+        The onnxruntime execution provider the session runs on (see :func:`create_session`).
 
     Raises
     ------
@@ -111,12 +167,10 @@ class ClipOnnxEncoder:
         suffix = "" if self.meta.precision == "fp32" else f"/{self.meta.precision}"
         self.id = f"clip-onnx/{self.meta.arch}/{digest[:12]}{suffix}"
 
-        import onnxruntime as ort
-
         so = session_options(self.meta.precision, threads)
         self.providers = providers or available_providers()
         try:
-            self.session = ort.InferenceSession(os.fspath(onnx_path), sess_options=so, providers=self.providers)
+            self.session, self.provider = create_session(onnx_path, so, self.providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph classes
             raise ModelError(onnx_path, f"onnxruntime cannot load the model: {e}") from None
         self._input = self.session.get_inputs()[0].name

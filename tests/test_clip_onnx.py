@@ -30,6 +30,8 @@ def grey_crops(labelled_dir) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, grey_crops) -> Path:
+    for mod in ("torch", "open_clip", "onnx"):
+        pytest.importorskip(mod, reason='exporting the test model needs the export extra: pip install -e ".[test,export]"')
     from stm_agent.models.export import TINY_TEST_CONFIG, export_clip
 
     out = tmp_path_factory.mktemp("tiny")
@@ -44,7 +46,7 @@ def test_preprocess_matches_open_clip_transform(grey_crops):
     (v/255 - mean)/std (~1e-6); OpenCV's INTER_CUBIC is shown to be NOT equivalent (a = -0.75, no
     antialias): a measured max difference of several grey levels.
     """
-    import open_clip
+    open_clip = pytest.importorskip("open_clip", reason='needs the export extra: pip install -e ".[test,export]"')
     from PIL import Image
 
     _, _, pre = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
@@ -123,3 +125,23 @@ def test_model_sha256_pinned_in_the_config(tiny_model):
         make_encoder(EncoderConfig(name="clip", model_dir=tiny_model, model_sha256="0" * 64), norm)
     with pytest.raises(ValueError):
         EncoderConfig(model_sha256="not-a-sha")
+
+
+def test_provider_is_read_from_the_session_and_cpu_fallback_is_quiet(tiny_model, grey_crops, capfd):
+    """The provider reported is the one the session runs on. With onnxruntime-gpu (what a Linux
+    x86_64 install gets) on a machine without a GPU, CUDA is listed as available but the session
+    runs on the CPU, and onnxruntime's error lines about missing CUDA libraries are not printed."""
+    import onnxruntime as ort
+
+    from stm_agent.models.clip_onnx import available_providers
+
+    enc = ClipOnnxEncoder(tiny_model)
+    assert enc.provider == enc.session.get_providers()[0]
+    assert enc.providers == available_providers()
+    if not Path("/dev/nvidia0").exists():  # no NVIDIA GPU here (CI): the CPU, whatever is installed
+        assert enc.provider == "CPUExecutionProvider"
+    assert enc.embed(np.stack([cv2.resize(c, (64, 64)) for c in grey_crops[:2]])).shape == (2, enc.dim)
+    err = capfd.readouterr().err
+    assert "onnxruntime" not in err and "CUDA" not in err, err
+    print(f"onnxruntime {ort.__version__} ({ort.get_device()}), available {ort.get_available_providers()}, "
+          f"session runs on {enc.provider}")

@@ -30,8 +30,8 @@ def _feed_dir(tmp_path, sxm_dir, names):
 
 @pytest.mark.parametrize("mode", ["sxm", "array", "saved"])
 def test_controller_feed_in_message_out_row_stored(tmp_path, refs, sxm_dir, mode):
-    feed = ReplayFeed(_feed_dir(tmp_path, sxm_dir, [REF_SCAN, SMALL]), "tcp://127.0.0.1:*", mode=mode,
-                      interval_s=0.05)
+    feed_dir = _feed_dir(tmp_path, sxm_dir, [REF_SCAN, SMALL])
+    feed = ReplayFeed(feed_dir, "tcp://127.0.0.1:*", mode=mode, interval_s=0.05)
     cfg = make_cfg(tmp_path, refs)
     cfg.acquisition.enabled = False
     cfg.controller.enabled = True
@@ -50,7 +50,8 @@ def test_controller_feed_in_message_out_row_stored(tmp_path, refs, sxm_dir, mode
         for m in msgs.values():
             validate("frame.counts", m)
             assert m["status"] == "ok" and m["source"] == "controller", m
-            assert m["path"] is (None if mode != "saved" else m["path"])
+            # scan.saved names the file the controller saved; bytes and arrays come without a path
+            assert m["path"] == (str(feed_dir / m["name"]) if mode == "saved" else None), m["path"]
         ads = next(m for m in msgs.values() if m["name"] == REF_SCAN)
         assert ads["counts"]["adsorbate"] >= 1  # the scan the reference was picked from
         if mode == "array":  # the array carries the scan parameters of the file it came from
@@ -63,6 +64,8 @@ def test_controller_feed_in_message_out_row_stored(tmp_path, refs, sxm_dir, mode
         hb = run.next("agent.heartbeat")
         validate("agent.heartbeat", hb)
         assert hb["sources"]["controller"]["submitted"] == len(sent)
+        assert hb["last_frame_name"] == msgs[hb["last_frame_id"]]["name"]
+        assert hb["model"]["provider"] is None  # the pixel encoder runs no onnxruntime session
     finally:
         stopping = run.stop()
         feed.close()

@@ -21,7 +21,7 @@ def crops64(labelled_dir) -> dict[str, np.ndarray]:
 
 
 def test_matches_mahotas(crops64):
-    import mahotas  # in the export extra (CI installs it)
+    mahotas = pytest.importorskip("mahotas", reason='needs the export extra: pip install -e ".[test,export]"')
     ims = crops64["FHPB/L"][:8].astype(np.float64)
     ims -= np.median(ims.reshape(len(ims), -1), axis=1)[:, None, None]
     ours = zernike_moments(ims, 30.0, 8)
