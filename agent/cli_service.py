@@ -60,7 +60,7 @@ def results_export(
                                        "parquet needs a file)."),
 ) -> None:
     """Export the recorded results as a table (CSV, JSON or Parquet)."""
-    from stm_agent.adapters.export import export_results
+    from stm_agent.adapters.tables import export_results
 
     path = store if store is not None else _load(config).results.store
     try:
@@ -94,7 +94,7 @@ def store_summary(path: Path, last: int = 5) -> dict[str, Any] | None:
     StoreError
         The file is not a readable results store.
     """
-    from stm_agent.adapters.export import _connect
+    from stm_agent.adapters.tables import _connect
     from stm_agent.agent.errors import StoreError
 
     if not Path(path).is_file():

@@ -786,7 +786,7 @@ class Agent:
             self.query_server = QueryServer(p.query_endpoint, self._query, agent_id=self.cfg.agent_id)
             self.query_server.start()
         if self.cfg.metrics.enabled:
-            from stm_agent.adapters.metrics import AgentMetrics
+            from stm_agent.adapters.prometheus import AgentMetrics
 
             m = self.cfg.metrics
             self.metrics = AgentMetrics(enabled=True, host=m.host, port=m.port)

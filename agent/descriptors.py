@@ -3,7 +3,8 @@
 Descriptors (per object, from the flattened frame):
 
 - ``area_nm2``: pixels of the object mask x ``dx * dy`` (nm^2);
-- ``extent_nm``: largest Feret diameter of the mask (scikit-image ``regionprops``), nm;
+- ``feret_nm``: largest Feret diameter of the mask (scikit-image ``regionprops``), nm (not the
+  segmentation's ``Region.extent_nm``, the diameter of the enclosing circle);
 - ``height``: apparent height relative to the local background, i.e. the extreme value of the
   object (in the direction of its contrast) minus the median of a ring around its box. In pm when
   the frame is a topography in metres (``z_unit="m"``); for rendered images (no physical unit) in
@@ -29,7 +30,7 @@ from skimage.measure import regionprops
 
 from stm_agent.models.base import l2_normalise
 
-FEATURES = ("log_area_nm2", "log_extent_nm", "height", "contrast_sign")
+FEATURES = ("log_area_nm2", "log_feret_nm", "height", "contrast_sign")
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Descriptors:
 
     Attributes
     ----------
-    area_nm2, extent_nm, height : np.ndarray
+    area_nm2, feret_nm, height : np.ndarray
         float64; see the module docstring. ``height`` is signed (negative for troughs).
     contrast_sign : np.ndarray
         int8, +1 peak / -1 trough.
@@ -47,19 +48,19 @@ class Descriptors:
     """
 
     area_nm2: np.ndarray
-    extent_nm: np.ndarray
+    feret_nm: np.ndarray
     height: np.ndarray
     contrast_sign: np.ndarray
     height_unit: str
 
     def matrix(self) -> np.ndarray:
-        """float64 ``(N, 4)``: log area, log extent, |height|, contrast sign (see ``FEATURES``).
+        """float64 ``(N, 4)``: log area, log Feret diameter, |height|, contrast sign (see ``FEATURES``).
 
         Logs make sizes multiplicative (a 2x larger object is the same step at any scale).
         """
         return np.column_stack([
             np.log(np.maximum(self.area_nm2, 1e-12)),
-            np.log(np.maximum(self.extent_nm, 1e-12)),
+            np.log(np.maximum(self.feret_nm, 1e-12)),
             np.abs(self.height),
             self.contrast_sign.astype(np.float64),
         ])
@@ -114,7 +115,7 @@ def describe_objects(
     ny, nx = img.shape
     n = len(b)
     area = np.zeros(n)
-    extent = np.zeros(n)
+    feret = np.zeros(n)
     height = np.zeros(n)
     sign = np.ones(n, dtype=np.int8)
     for i, (x, y, w, h) in enumerate(b):  # one vectorised measurement per object
@@ -156,8 +157,8 @@ def describe_objects(
         if m.any():
             props = regionprops(m.astype(np.uint8))[0]
             # Feret diameter in pixels; scale by the mean pixel size (non-square pixels approximated)
-            extent[i] = float(props.feret_diameter_max) * np.sqrt(dx * dy)
-    return Descriptors(area, extent, height, sign, "pm" if z_unit == "m" else "sigma")
+            feret[i] = float(props.feret_diameter_max) * np.sqrt(dx * dy)
+    return Descriptors(area, feret, height, sign, "pm" if z_unit == "m" else "sigma")
 
 
 class RobustScaler:
@@ -282,7 +283,7 @@ def describe_regions(image: np.ndarray, regions, pixel_size_nm: tuple[float, flo
 def descriptor_record(d: Descriptors, i: int = 0, method: str = "segment") -> dict:
     """Object ``i`` of ``d`` as a JSON-able dict (stored in a reference's provenance)."""
     return {"version": DESCRIPTOR_VERSION, "method": method, "area_nm2": float(d.area_nm2[i]),
-            "extent_nm": float(d.extent_nm[i]), "height": float(d.height[i]), "height_unit": d.height_unit,
+            "feret_nm": float(d.feret_nm[i]), "height": float(d.height[i]), "height_unit": d.height_unit,
             "contrast_sign": int(d.contrast_sign[i])}
 
 
@@ -298,7 +299,8 @@ def descriptors_from_records(records: list[dict]) -> Descriptors:
     if len(units) > 1:
         raise ValueError(f"reference descriptors mix height units {sorted(units)}")
     f = lambda k: np.array([float(r[k]) for r in records])  # noqa: E731
-    return Descriptors(f("area_nm2"), f("extent_nm"), f("height"),
+    feret = np.array([float(r["feret_nm"] if "feret_nm" in r else r["extent_nm"]) for r in records])  # older records
+    return Descriptors(f("area_nm2"), feret, f("height"),
                        np.array([int(r["contrast_sign"]) for r in records], np.int8),
                        units.pop() if units else "pm")
 

@@ -202,7 +202,7 @@ def test_ci_uses_its_own_venv_and_the_readme_test_command():
 
 
 def test_export_has_no_float_noise():
-    from stm_agent.adapters.export import _clean
+    from stm_agent.adapters.tables import _clean
 
     assert _clean(9.999996999999999) == 9.999997
     assert _clean(9.999997 * 9.999997) == 99.99994  # 99.999940000009 before

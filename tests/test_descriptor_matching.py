@@ -118,7 +118,7 @@ def test_cache_key_follows_descriptor_settings(tmp_path, au111, monkeypatch):
     _, desc, methods = lib.reference_descriptors()
     assert methods == ["crop", "segment"] and desc.height_unit == "pm"
     assert desc.height[0] == pytest.approx(seg["height"], rel=0.25)
-    assert desc.extent_nm[0] == pytest.approx(seg["extent_nm"], rel=0.5)
+    assert desc.feret_nm[0] == pytest.approx(seg["feret_nm"], rel=0.5)
 
 
 def _eval_module():

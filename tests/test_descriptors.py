@@ -29,7 +29,7 @@ def wse2(labelled_dir):
         desc = describe_objects(g, np.array([a["bbox"] for a in boxes]), (px, px), z_unit=None)
         assert desc.height_unit == "sigma"
         names += [cats[a["category_id"]] for a in boxes]
-        rows.append(np.column_stack([desc.area_nm2, desc.extent_nm, desc.height, desc.contrast_sign]))
+        rows.append(np.column_stack([desc.area_nm2, desc.feret_nm, desc.height, desc.contrast_sign]))
     return np.array(names), np.concatenate(rows)
 
 

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from stm_agent.adapters.metrics import LATENCY_BUCKETS_S, AgentMetrics, NullMetrics, build_metrics
+from stm_agent.adapters.prometheus import LATENCY_BUCKETS_S, AgentMetrics, NullMetrics, build_metrics
 from stm_agent.agent.config import MetricsConfig
 
 

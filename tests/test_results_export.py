@@ -14,7 +14,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from stm_agent.adapters.export import ExportError, export_results, read_rows
+from stm_agent.adapters.tables import ExportError, export_results, read_rows
 from stm_agent.adapters.query import QueryServer
 from stm_agent.adapters.store import ResultStore
 from stm_agent.agent.cli_service import results_app, status
