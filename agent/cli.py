@@ -82,7 +82,6 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration (see `
 RefsOpt = typer.Option(None, "--refs", help="Reference library folder (default: references.folder of the config).")
 
 
-_fail = fail
 
 #: Config keys set by command-line options, and the option a config error about them names.
 _OPTION_OF = {"match.threshold": "--threshold", "channel": "--channel", "references.folder": "--refs",

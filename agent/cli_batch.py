@@ -13,23 +13,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from stm_agent.agent.config import load_config
+from stm_agent.agent.console import console, err_console
+from stm_agent.agent.console import fail as _fail
 from stm_agent.agent.errors import StmAgentError
 
 __all__ = ["batch"]
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(msg: str) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
-    raise typer.Exit(code=2)
 
 
 def batch(

@@ -507,7 +507,7 @@ def test_metrics_server_threads_are_bounded():
     pytest.importorskip("prometheus_client")
     import urllib.request
 
-    from stm_agent.adapters.metrics import MAX_CONNECTIONS, AgentMetrics
+    from stm_agent.adapters.prometheus import MAX_CONNECTIONS, AgentMetrics
 
     m = AgentMetrics(enabled=True, port=0).start()
     idle = []
