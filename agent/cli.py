@@ -12,6 +12,7 @@
     stm-agent status                           what a running agent is doing
     stm-agent results export                   per-frame / per-object tables (csv, json, parquet)
     stm-agent batch FOLDER... --out DIR        recount whole archives in parallel (resumable)
+    stm-agent dashboard                        the live page in the browser (127.0.0.1:8765)
     stm-agent --version                        the installed version
 
 A plausible mistake (wrong path, endpoint, value, missing extra) prints one line ``error: ...`` on
@@ -34,6 +35,7 @@ from rich.table import Table
 from stm_agent.agent.cli_batch import batch
 from stm_agent.agent.cli_models import models_app
 from stm_agent.agent.cli_evaluate import evaluate
+from stm_agent.agent.cli_dashboard import dashboard
 from stm_agent.agent.cli_feed import replay
 from stm_agent.agent.cli_service import results_app, status
 from stm_agent.agent.config import AgentConfig, default_yaml_text, load_config
@@ -55,6 +57,7 @@ app.command()(status)
 app.command()(replay)
 app.command()(evaluate)
 app.command()(batch)
+app.command()(dashboard)
 
 
 def _version(value: bool) -> None:
@@ -354,6 +357,9 @@ def run(
         where.append(f"subscribed to the controller feed [bold]{esc(cfg.controller.endpoint)}[/]")
     if cfg.nanonis.enabled:
         where.append(f"waiting on Nanonis TCP [bold]{esc(cfg.nanonis.host)}:{cfg.nanonis.port}[/]")
+    if cfg.dashboard.enabled:
+        host = "127.0.0.1" if cfg.dashboard.host in ("0.0.0.0", "") else cfg.dashboard.host
+        where.append(f"dashboard on [bold]http://{esc(host)}:{cfg.dashboard.port}/[/]")
     console.print(f"stm-agent {', '.join(where) or 'with no source enabled'}; publishing on "
                   f"[bold]{esc(cfg.publish.endpoint)}[/]; encoder {esc(agent._encoder_id() or cfg.encoder.name)} "
                   f"on {esc(_provider_words(agent.provider()))} (Ctrl-C stops)", soft_wrap=True)

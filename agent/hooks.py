@@ -132,9 +132,10 @@ class AgentHooks:
         if cfg.dashboard.enabled:
             from stm_agent.adapters.dashboard.server import DashboardServer
 
-            self.dashboard = DashboardServer(cfg, endpoint=self.agent.endpoint)
-            self.dashboard.start()
-            log.info("dashboard on %s", self.dashboard.url)
+            server = DashboardServer(cfg, endpoint=self.agent.endpoint)
+            server.start()
+            self.dashboard = server
+            log.info("dashboard on %s", server.url)
 
     def close(self) -> None:
         """Stop the dashboard, close the Bluesky run, let running actions finish (bounded by their timeouts)."""
