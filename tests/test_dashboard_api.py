@@ -30,7 +30,7 @@ def stopped_agent(sxm_dir, tmp_path_factory):
         "acquisition": {"folder": str(tmp / "acq"), "settle_s": 0.3},
         "results": {"store": str(tmp / "results.sqlite")},
         "publish": {"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0.2, "query_endpoint": None},
-        "triggers": [{"name": "crowded", "metric": "count", "value": 3}],
+        "triggers": [{"name": "crowded", "metric": "count", "value": 1}],
     })
     agent = Agent(cfg)
     sub = Subscriber(agent.endpoint, ["frame.counts", "agent.heartbeat"])
@@ -65,17 +65,19 @@ def test_history_frames_images_and_triggers(stopped_agent):
     cfg, msgs = stopped_agent
     with client(cfg) as c:
         info = c.get("/api/info").json()
-        assert info["writable"] is False and info["channel"] == "Z"
+        assert info["writable"] is False and info["channel"] == cfg.channel
         # no agent heartbeat: "session" falls back to every recorded frame
         frames = c.get("/api/frames").json()["frames"]
         assert [f["frame_id"] for f in frames] == [m["frame_id"] for m in msgs]
         ok, partial, bad = frames
-        assert ok["counts"] == {"other": 3} and ok["area_nm2"] == pytest.approx(100.0, rel=1e-4)
-        assert ok["density"]["other"] == pytest.approx(0.03, rel=1e-4) and ok["latency_ms"] > 0
+        n = msgs[0]["n_objects"]
+        assert ok["counts"] == msgs[0]["counts"] == {"other": n} and ok["area_nm2"] == pytest.approx(100.0, rel=1e-4)
+        assert ok["density"]["other"] == pytest.approx(n / 100.0, rel=1e-4) and ok["latency_ms"] > 0
         assert partial["scan"]["completeness"] == pytest.approx(0.84, abs=0.01)
         assert bad["status"] == "error" and "not a Nanonis" in bad["reason"]
         d = c.get(f"/api/frames/{ok['frame_id']}").json()
-        assert d["image"] and len(d["detections"]) == 8 and d["channel"] == "Z"
+        assert d["image"] and sum(not x["touches_edge"] for x in d["detections"]) == n
+        assert d["channel"] == msgs[0]["scan"]["channel"]
         png = c.get(f"/api/frames/{ok['frame_id']}/image.png")
         assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
         assert c.get(f"/api/frames/{bad['frame_id']}").json()["image"] is False
@@ -105,20 +107,26 @@ def test_token_holder_adds_and_removes_a_reference(stopped_agent, monkeypatch):
     monkeypatch.delenv("STM_AGENT_DASHBOARD_TOKEN", raising=False)
     auth = {"Authorization": "Bearer s3cret"}
     with client(cfg, token="s3cret") as c:
-        body = {"frame_id": msgs[0]["frame_id"][:12], "x_px": 91, "y_px": 82, "species": "adsorbate"}
+        dets = c.get(f"/api/frames/{msgs[0]['frame_id']}").json()["detections"]
+        x, y = next(d for d in dets if not d["touches_edge"])["centroid_px"]
+        body = {"frame_id": msgs[0]["frame_id"][:12], "x_px": x, "y_px": y, "species": "adsorbate"}
         assert c.post("/api/references", json=body).status_code == 401
         assert c.post("/api/references", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
         r = c.post("/api/references", json=body, headers=auth)
         assert r.status_code == 200, r.text
         ref = r.json()
         assert ref["species"] == "adsorbate" and ref["scan"] == SCAN
-        assert abs(ref["position_px"][0] - 91) < 8 and abs(ref["position_px"][1] - 82) < 8
+        assert abs(ref["position_px"][0] - x) < 1 and abs(ref["position_px"][1] - y) < 1
         (g,) = c.get("/api/references").json()["references"]
         assert g["id"] == ref["id"] and g["scan"] == SCAN and len(g["position_nm"]) == 2
         crop = c.get(f"/api/references/adsorbate/{ref['id']}.png")
         assert crop.status_code == 200 and crop.content[:4] == b"\x89PNG"
         # no object there / bad name / frame that cannot be read again
-        far = body | {"x_px": 130, "y_px": 150}
+        # the point of the frame farthest from every object (a 16 px grid)
+        grid = [(gx, gy) for gx in range(8, 256, 16) for gy in range(8, 256, 16)]
+        gx, gy = max(grid, key=lambda p: min((p[0] - d["centroid_px"][0]) ** 2 + (p[1] - d["centroid_px"][1]) ** 2
+                                             for d in dets))
+        far = body | {"x_px": gx, "y_px": gy}
         assert c.post("/api/references", json=far, headers=auth).status_code == 422
         assert c.post("/api/references", json=body | {"species": "other"}, headers=auth).status_code == 422
         assert c.post("/api/references", json=body | {"frame_id": msgs[2]["frame_id"]}, headers=auth).status_code == 422

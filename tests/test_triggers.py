@@ -28,12 +28,14 @@ from stm_agent.agent.pipeline import Recognizer
 from stm_agent.agent.triggers import CommandAction, NanonisAction, TriggerEngine, TriggerRule
 from tests.fake_nanonis import FakeNanonis
 
-# With an empty library every object is `other`. Counted objects (default configuration):
-THREE = "cu111_tcne_molecules_6nm_256_up.sxm"   # 3 objects
-ONE = "cu111_tcne_molecules_4nm_256_up.sxm"     # 1 object
-MANY = "graphene_tcne_monolayer_4nm_256_down.sxm"  # 26 objects
-EMPTY = "moire_10nm_160_down.sxm"               # 0 objects
+# With an empty library every object is `other`. The sequence HIGH -> DIP -> MORE (counted objects
+# a > b, then c >= 2a - b) is what hysteresis is for; the counts are measured, not assumed.
+THREE = "cu111_tcne_molecules_6nm_256_up.sxm"      # HIGH
+ONE = "cu111_tcne_molecules_4nm_256_up.sxm"        # DIP: fewer objects than HIGH
+MANY = "graphene_tcne_monolayer_4nm_256_down.sxm"  # MORE (4 x 4 nm)
 SEQUENCE = [THREE, ONE, MANY]
+EMPTY = "moire_10nm_160_down.sxm"  # made empty: segmented at 1000 robust standard deviations
+N: dict[str, int] = {}  # counted objects per scan, filled by the fixture
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +44,20 @@ def frames(sxm_dir, tmp_path_factory) -> dict[str, dict]:
     cfg = AgentConfig(references={"folder": str(tmp_path_factory.mktemp("norefs"))})
     rec = Recognizer.from_config(cfg, allow_empty=True)
     out = {}
-    for name in (THREE, ONE, MANY, EMPTY):
-        r = rec.recognise(read_scan(sxm_dir / name))
+    blind = Recognizer.from_config(cfg.model_copy(update={"segment": cfg.segment.model_copy(
+        update={"method": "value", "threshold": 1000.0})}), allow_empty=True)
+    for name, r in [(n, rec) for n in (THREE, ONE, MANY)] + [(EMPTY, blind)]:
+        r = r.recognise(read_scan(sxm_dir / name))
         out[name] = {"frame_id": r.frame_id, "name": name, "status": "ok", "counts": r.counts, "scan": r.scan}
-    assert [out[n]["counts"]["other"] for n in (THREE, ONE, MANY, EMPTY)] == [3, 1, 26, 0], \
-        "the segmentation of these real scans changed: pick other scans for the hysteresis test"
+        N[name] = r.n_objects
+    a, b, c = N[THREE], N[ONE], N[MANY]
+    assert 0 < b < a and c >= 2 * a - b, f"counts {a}, {b}, {c} no longer rise, dip, rise: pick other scans"
+    assert N[EMPTY] == 0
     return out
 
 
 def rule(**kw) -> TriggerRule:
-    base = dict(name="r", metric="count", species=["other"], comparison=">=", value=3)
+    base = dict(name="r", metric="count", species=["other"], comparison=">=", value=N[THREE])
     return TriggerRule.model_validate(base | kw)
 
 
@@ -60,8 +66,9 @@ def fired(engine: TriggerEngine, frames: dict, names: list[str]) -> list[str]:
 
 
 def test_hysteresis_fires_once_where_a_bare_threshold_fires_twice(frames):
-    # 3 -> 1 -> 26 objects: with hysteresis 2 the dip to 1 is not below 3 - 2, so no re-arm
-    assert fired(TriggerEngine([rule(hysteresis=2)]), frames, SEQUENCE) == [THREE]
+    # a -> b -> c objects, rule "count >= a": with hysteresis a - b the dip to b is not below
+    # a - (a - b), so the rule is not re-armed; without hysteresis it is, and fires again
+    assert fired(TriggerEngine([rule(hysteresis=N[THREE] - N[ONE])]), frames, SEQUENCE) == [THREE]
     assert fired(TriggerEngine([rule(hysteresis=0)]), frames, SEQUENCE) == [THREE, MANY]
     # a condition that stays true fires once, not on every frame
     assert fired(TriggerEngine([rule()]), frames, [THREE, MANY, MANY, THREE]) == [THREE]
@@ -76,21 +83,22 @@ def test_cooldown_window_and_metrics(frames):
     t[0] = 61.0
     assert fired(eng, frames, [ONE, MANY]) == [MANY]
 
-    # window: mean count over the last 2 frames; (3 + 1) / 2 = 2 < 3, (1 + 26) / 2 >= 3
+    # window: mean count over the last 2 frames; (a + b) / 2 < a, (b + c) / 2 >= a
     eng = TriggerEngine([rule(window=2)])
     assert fired(eng, frames, [THREE]) == []  # window not full yet
     assert fired(eng, frames, [ONE, MANY]) == [MANY]
     ev = TriggerEngine([rule(window=2)])
     ev.observe(frames[ONE])
     (f,) = ev.observe(frames[MANY])
-    assert f.event["observed"] == pytest.approx(13.5)
+    assert f.event["observed"] == pytest.approx((N[ONE] + N[MANY]) / 2)
     assert f.event["frames"] == [frames[ONE]["frame_id"], frames[MANY]["frame_id"]]
 
-    # density: objects per nm^2 of acquired area (26 objects on 4 x 4 nm)
-    eng = TriggerEngine([rule(metric="density", value=1.0)])
+    # density: objects per nm^2 of acquired area (4 x 4 nm)
+    eng = TriggerEngine([rule(metric="density", value=0.99 * N[MANY] / 16.0)])
     (f,) = eng.observe(frames[MANY])
-    assert f.event["observed"] == pytest.approx(26 / (4.0 * 4.0), rel=1e-3)
-    # no_objects: three... here one empty frame of a window of 1; error frames are ignored
+    assert f.event["observed"] == pytest.approx(N[MANY] / (4.0 * 4.0), rel=1e-3)
+    assert TriggerEngine([rule(metric="density", value=1.01 * N[MANY] / 16.0)]).observe(frames[MANY]) == []
+    # no_objects: one empty frame in a window of 1; error frames are ignored
     eng = TriggerEngine([rule(metric="no_objects", species=None, value=1)])
     assert eng.observe({"frame_id": "x", "status": "error", "counts": {}}) == []
     assert fired(eng, frames, [THREE, EMPTY]) == [EMPTY]
@@ -172,8 +180,8 @@ def test_nanonis_action_reaches_the_fake_server_only_without_dry_run():
     assert not gone["sent"] and "cannot send Scan.Action" in gone["error"]
 
 
-def test_agent_fires_once_records_publishes_and_acts(sxm_dir, tmp_path):
-    """The real agent on real scans: 3 -> 1 -> 26 objects, rule `other >= 3` with hysteresis 2.
+def test_agent_fires_once_records_publishes_and_acts(frames, sxm_dir, tmp_path):
+    """The real agent on real scans: a -> b -> c objects, rule `other >= a` with hysteresis a - b.
 
     Fires once, on the first frame: one trigger.fired (valid against its schema), one row in the
     store; the command receives the event on stdin; the Nanonis stop reaches the fake server on its
@@ -189,8 +197,8 @@ def test_agent_fires_once_records_publishes_and_acts(sxm_dir, tmp_path):
             "results": {"store": str(tmp_path / "results.sqlite")},
             "publish": {"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0.2, "query_endpoint": None},
             "triggers": [{
-                "name": "many_objects", "metric": "count", "species": "other", "comparison": ">=", "value": 3,
-                "hysteresis": 2,
+                "name": "many_objects", "metric": "count", "species": "other", "comparison": ">=",
+                "value": N[THREE], "hysteresis": N[THREE] - N[ONE],
                 "actions": [
                     {"type": "publish"},
                     {"type": "command", "timeout_s": 4, "argv": [
@@ -226,12 +234,12 @@ def test_agent_fires_once_records_publishes_and_acts(sxm_dir, tmp_path):
             while (got := sub.recv(timeout_ms=100)):
                 log.append(got)
             fired_msgs = [m for t, m in log if t == "trigger.fired"]
-            assert [d["counts"]["other"] for d in done] == [3, 1, 26]
+            assert [d["counts"]["other"] for d in done] == [N[THREE], N[ONE], N[MANY]]
             assert len(fired_msgs) == 1, fired_msgs
             ev = fired_msgs[0]
             validate("trigger.fired", ev)
             first = hashlib.sha256((sxm_dir / THREE).read_bytes()).hexdigest()
-            assert ev["rule"] == "many_objects" and ev["frame_id"] == first and ev["observed"] == 3
+            assert ev["rule"] == "many_objects" and ev["frame_id"] == first and ev["observed"] == N[THREE]
             assert ev["name"] == THREE and ev["firing"] == 1
             # the worker did not wait for the command (killed after 4 s): the next frame went through
             t0, t1 = (datetime.fromisoformat(d["processed_at"]) for d in done[:2])

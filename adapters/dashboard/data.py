@@ -63,8 +63,8 @@ def frame_summary(row: dict[str, Any]) -> dict[str, Any]:
         "density": {k: v / area for k, v in counts.items()} if area else None,
         "latency_ms": msg.get("latency_ms"),
         "encoder": (msg.get("encoder") or {}).get("id"),
-        "scan": {k: scan.get(k) for k in ("pixels", "range_nm", "pixel_size_nm", "bias_V", "setpoint_A",
-                                           "direction", "angle_deg", "completeness", "acquired_at")} if scan else None,
+        "scan": {k: scan.get(k) for k in ("pixels", "range_nm", "pixel_size_nm", "bias_V", "setpoint_A", "direction",
+                                           "angle_deg", "completeness", "acquired_at", "channel")} if scan else None,
     }
 
 
@@ -124,7 +124,9 @@ class DashboardData:
         out = frame_summary(rows[0])
         out["detections"] = _json(rows[0]["detections"], [])
         out["image"] = (self.display / f"{frame_id}.png").is_file()
-        out["channel"], out["direction"] = self.cfg.channel, self.cfg.direction
+        # the channel analysed (``channel: auto`` picks one per frame), else the configured one
+        out["channel"] = (out["scan"] or {}).get("channel") or self.cfg.channel
+        out["direction"] = self.cfg.direction
         return out
 
     def resolve(self, frame_id: str) -> str:
