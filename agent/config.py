@@ -117,7 +117,7 @@ class SegmentConfig(_Strict):
     """Object detection (:mod:`agent.detect`): method, object size, polarity; the threshold methods'
     size window."""
 
-    method: Literal["auto", "scale", "otsu", "value"] = "auto"
+    method: Literal["auto", "scale", "template", "otsu", "value"] = "auto"
     object_size_nm: float | None = Field(None, gt=0)
     threshold: float | None = None
     polarity: Literal["bright", "dark", "both"] = "bright"

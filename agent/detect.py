@@ -27,12 +27,17 @@ Three detectors share one output, a list of :class:`agent.segment.Region` plus a
     Objects inside the holes of a connected foreground are found like any other (the labels come
     from the watershed, not from outer contours).
 
+``template`` (:mod:`agent.templates`)
+    Reference poses correlated with the frame (normalised cross-correlation), for dense layers of
+    known species, plus the scale detector's objects that no reference explains.
+
 ``otsu`` / ``value``
     The released UniMR threshold segmentation (:func:`agent.segment.segment`), kept selectable
     (the evaluation's ``unimr-as-released`` baseline uses it).
 
 ``auto`` (default)
-    Chooses per frame; the choice and the reason are in the report.
+    Chooses per frame (:func:`detect_objects`): the scale detector, and the template detector on
+    dense frames when there are references; the choice and the reason are in the report.
 
 Every function works in pixels of the frame; sizes given in nm are converted with the pixel size
 ``(dx, dy)``, which may differ along x and y. Images without a known pixel size (rendered images,
@@ -51,6 +56,7 @@ from skimage.segmentation import watershed
 
 from stm_agent.agent.config import SegmentConfig
 from stm_agent.agent.segment import MIN_SPECK_PX, Region, fill_nan, segment
+from stm_agent.agent.templates import Template, match_templates, template_labels
 
 #: Per-object support: pixels at or above this fraction of the object's own height (top-hat peak).
 SUPPORT_FRACTION = 0.25
@@ -67,6 +73,11 @@ NOISE_K = 4.0
 PEAK_FRACTION = 0.3
 #: Objects smaller than this fraction of the expected area (pi s^2 / 4) are specks.
 MIN_AREA_FRACTION = 0.08
+#: ``auto``: a frame is dense (template detector when there are references) when the scale
+#: detector's objects cover at least DENSE_COVER of it, or their median nearest-neighbour distance
+#: is at most DENSE_SPACING x their median extent (they touch; :func:`packing`).
+DENSE_COVER = 0.3
+DENSE_SPACING = 1.1
 #: Automatic size search range, pixels of extent (before the image-size cap).
 AUTO_MIN_EXTENT_PX = 4.0
 #: Object extent per scale-space sigma of its blob (see :func:`estimate_object_size`).
@@ -80,7 +91,8 @@ class DetectionReport:
     Attributes
     ----------
     method : str
-        Detector used: ``scale``, ``otsu`` or ``value``.
+        Detector used: ``scale``, ``template`` (with the scale detector's unexplained objects),
+        ``otsu`` or ``value``.
     requested : str
         ``segment.method`` as configured (``auto`` or a detector name).
     reason : str
@@ -374,8 +386,20 @@ def scale_detect(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: Seg
 # --------------------------------------------------------------------------- entry point
 def detect_objects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: SegmentConfig,
                    reference_extents_nm: list[float] | None = None,
-                   pixel_size_known: bool = True) -> tuple[list[Region], DetectionReport]:
+                   pixel_size_known: bool = True,
+                   templates: list[Template] | None = None) -> tuple[list[Region], DetectionReport]:
     """Detect the objects of a flattened frame with the configured detector (``segment.method``).
+
+    ``auto`` (default) runs the scale detector; when references are given as ``templates`` and the
+    frame is dense (the scale detector's objects cover >= :data:`DENSE_COVER` of the frame, or
+    touch: :func:`packing` <= :data:`DENSE_SPACING`; a monolayer, a lattice, molecules seen as
+    lobes), the reference-template detector
+    (:mod:`agent.templates`) finds the objects the references explain, and the scale detector's
+    objects that no template detection explains and that are at least half the references'
+    extent are added (they are counted as ``other``; smaller ones are taken for the lobes of a
+    molecule the references missed).
+    Sparse frames keep the scale detector alone (it finds every object, whatever its species, and
+    costs less). ``template`` forces that combination whenever there are references.
 
     Parameters
     ----------
@@ -384,15 +408,19 @@ def detect_objects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: S
     pixel_size_nm : (dx, dy)
         Pixel size, nm (1 "nm" per pixel for images without one).
     cfg : SegmentConfig
-        ``method`` (``auto``, ``scale``, ``otsu``, ``value``), ``object_size_nm``, polarity ...
+        ``method`` (``auto``, ``scale``, ``template``, ``otsu``, ``value``), ``object_size_nm``,
+        polarity ...
     reference_extents_nm : list[float] | None
         Extents (nm) of the library's references: the scale detector estimates the object size
         of the frame within 0.5 x the smallest to 2 x the largest of them (an exact
-        ``segment.object_size_nm`` takes precedence).
+        ``segment.object_size_nm`` takes precedence). Taken from ``templates`` when None.
     pixel_size_known : bool
         False for rendered images without a physical pixel size (1 "nm" per pixel): a size in nm
-        means nothing there, so the scale detector estimates the object size per image and the
-        references' extents and ``object_size_nm`` are not used.
+        means nothing there, so the scale detector estimates the object size per image, the
+        references' extents and ``object_size_nm`` are not used, and the template detector
+        searches the scale (0.35-2.8x the references).
+    templates : list[agent.templates.Template] | None
+        The references as crops, for the template detector.
 
     Returns
     -------
@@ -409,32 +437,99 @@ def detect_objects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: S
     dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
     if not (dx > 0 and dy > 0):
         raise ValueError(f"pixel size must be positive, got {pixel_size_nm}")
+    if reference_extents_nm is None and templates:
+        reference_extents_nm = [t.extent_nm for t in templates]
     method = cfg.method
-    reason = "configured"
-    if method == "auto":
-        method, reason = "scale", "scale-space detector (no reference template detector applies)"
     if method in ("otsu", "value"):
         regions = segment(img, (dx, dy), cfg)
-        rep = DetectionReport(method=method, requested=cfg.method, reason=reason, n_regions=len(regions))
-    else:
-        size_nm, source, rng = None, "auto", None
-        if not pixel_size_known:
-            pass
-        elif cfg.object_size_nm is not None:
-            size_nm, source = float(cfg.object_size_nm), "config"
-        elif reference_extents_nm:
-            # estimated on the frame, within a factor 2 of the references' extents: other objects
-            # (counted as `other`) may differ in size, the library only bounds the search
-            rng = (0.5 * min(reference_extents_nm), 2.0 * max(reference_extents_nm))
-            source = "auto within 0.5-2x the references"
-        regions, info = scale_detect(img, (dx, dy), cfg, size_nm, rng)
-        rep = DetectionReport(method="scale", requested=cfg.method, reason=reason,
-                              object_size_nm=info.pop("object_size_nm"), size_source=source,
-                              n_regions=len(regions),
-                              extra={k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()
-                                     if k != "size_source" and k not in ("threshold", "threshold_dark")})
+        rep = DetectionReport(method=method, requested=cfg.method, n_regions=len(regions))
+        rep.note = _note(regions, img)
+        return regions, rep
+    size_nm, source, rng = None, "auto", None
+    if not pixel_size_known:
+        pass
+    elif cfg.object_size_nm is not None:
+        size_nm, source = float(cfg.object_size_nm), "config"
+    elif reference_extents_nm:
+        # estimated on the frame, within a factor 2 of the references' extents: other objects
+        # (counted as `other`) may differ in size, the library only bounds the search
+        rng = (0.5 * min(reference_extents_nm), 2.0 * max(reference_extents_nm))
+        source = "auto within 0.5-2x the references"
+    regions, info = scale_detect(img, (dx, dy), cfg, size_nm, rng)
+    extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()
+             if k not in ("size_source", "object_size_nm", "threshold", "threshold_dark")}
+    rep = DetectionReport(method="scale", requested=cfg.method, reason="configured" if method == "scale" else
+                          "sparse frame: scale-space detector", object_size_nm=info["object_size_nm"],
+                          size_source=source, n_regions=len(regions), extra=extra)
+    if method != "scale" and templates:
+        cover = float(info.get("cover", 0.0))
+        spacing = packing(regions, (dx, dy))
+        dense = cover >= DENSE_COVER or spacing <= DENSE_SPACING
+        why = f"objects cover {cover:.0%}, nearest-neighbour distance {spacing:.2f} x their extent"
+        if method == "template" or dense:
+            regions, tinfo = _with_templates(img, (dx, dy), templates, regions, pixel_size_known)
+            rep.method = "template"
+            rep.reason = ("configured" if method == "template" else
+                          f"dense frame ({why}) and references: template matching, plus the scale "
+                          "detector's objects no reference explains")
+            rep.n_regions = len(regions)
+            rep.extra.update(tinfo)
+        elif method == "auto":
+            rep.reason = f"sparse frame ({why}): scale-space detector"
+    elif method == "template":
+        rep.reason = "template requested but no reference: scale-space detector"
     rep.note = _note(regions, img)
     return regions, rep
+
+
+def packing(regions: list[Region], pixel_size_nm: tuple[float, float]) -> float:
+    """Median nearest-neighbour centroid distance over the median object extent (inf for < 3 objects).
+
+    ~0.7-1.0 where objects touch (monolayers, lattices, a molecule seen as lobes), >= 1.5 for
+    sparse adsorbates (measured on the shared scans and labelled images).
+    """
+    if len(regions) < 3:
+        return float("inf")
+    c = np.array([r.centroid_px for r in regions], np.float64) * np.asarray(pixel_size_nm, np.float64)
+    d2 = ((c[:, None, :] - c[None, :, :]) ** 2).sum(-1) if len(c) <= 2000 else None
+    if d2 is None:  # very many objects: a k-d tree instead of the N^2 matrix
+        from scipy.spatial import cKDTree
+
+        nn = cKDTree(c).query(c, k=2)[0][:, 1]
+    else:
+        np.fill_diagonal(d2, np.inf)
+        nn = np.sqrt(d2.min(axis=1))
+    ext = float(np.median([r.extent_nm for r in regions]))
+    return float(np.median(nn) / ext) if ext > 0 else float("inf")
+
+
+def _with_templates(img: np.ndarray, ps: tuple[float, float], templates: list[Template],
+                    scale_regions: list[Region], pixel_size_known: bool) -> tuple[list[Region], dict]:
+    """Template detections + the scale detector's regions farther than half an extent from all of them
+    and at least half the references' extent in size."""
+    f, valid = fill_nan(np.asarray(img, np.float32))
+    centres, radii, scores, info = match_templates(f, ps, templates, pixel_size_known)
+    labels = template_labels(f.shape, centres, radii, scores, aspect=ps[1] / ps[0])
+    labels[~valid] = 0
+    regions = regions_from_labels(labels, valid, ps)
+    n_t = len(regions)
+    if len(centres):
+        sc = np.array([r.centroid_px for r in scale_regions], np.float64).reshape(-1, 2)
+        d = np.hypot(sc[:, None, 0] - centres[None, :, 0], (sc[:, None, 1] - centres[None, :, 1]) * ps[1] / ps[0])
+        alone = (d > radii[None, :]).all(axis=1) if len(sc) else np.zeros(0, bool)
+        # in a dense layer the scale detector may see the lobes of a molecule the references missed:
+        # only objects of at least half the references' extent are added
+        big = np.array([r.extent_nm for r in scale_regions]) >= ps[0] * float(np.median(radii)) if len(sc) else alone
+        alone &= big
+        offset = int(labels.max())
+        extra = [r for r, a in zip(scale_regions, alone) if a]
+        for r in extra:
+            r.label += offset
+        regions += extra
+    else:
+        regions += scale_regions
+    regions.sort(key=lambda r: (r.centroid_px[1], r.centroid_px[0]))
+    return regions, {**info, "template_objects": n_t, "scale_objects_added": len(regions) - n_t}
 
 
 def _note(regions: list[Region], image: np.ndarray) -> str | None:

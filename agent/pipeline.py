@@ -26,6 +26,7 @@ from stm_agent.agent.flatten import flatten
 from stm_agent.agent.match import AdaptiveThreshold, RefEmbeddings, assign, gmm_threshold, species_scores
 from stm_agent.agent.normalise import frame_range, normalise_crops
 from stm_agent.agent.segment import Region
+from stm_agent.agent.templates import Template
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class FrameDetection:
 
 
 def detect_frame(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float] | None = None,
-                 library_channel: str | None = None) -> FrameDetection:
+                 library_channel: str | None = None, templates: list[Template] | None = None) -> FrameDetection:
     """Choose the channel, flatten it, and detect the objects of ``scan``.
 
     Parameters
@@ -62,6 +63,8 @@ def detect_frame(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float]
         Extents of the library's references (nm): the object-size prior of the scale detector.
     library_channel : str | None
         The channel the references were recorded on; ``channel: auto`` then uses it.
+    templates : list[agent.templates.Template] | None
+        The references as crops (template detector on dense frames, :func:`agent.detect.detect_objects`).
 
     Raises
     ------
@@ -78,14 +81,14 @@ def detect_frame(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float]
         raise EmptyScanError(scan.source, f"channel {channel} {cfg.direction} has no acquired pixel")
     image = flatten(frame, plane=cfg.flatten.plane, rows=cfg.flatten.rows)
     regions, report = detect_objects(image, scan.pixel_size_nm, cfg.segment, reference_extents_nm,
-                                     pixel_size_known=scan.units.get(channel) != "a.u.")
+                                     pixel_size_known=scan.units.get(channel) != "a.u.", templates=templates)
     if cinfo.get("warning") and report.note:
         report.note = f"{report.note}; {cinfo['warning']}"
     return FrameDetection(image, regions, channel, cinfo, report)
 
 
 def detect(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float] | None = None,
-           library_channel: str | None = None) -> tuple[np.ndarray, list[Region]]:
+           library_channel: str | None = None, templates: list[Template] | None = None) -> tuple[np.ndarray, list[Region]]:
     """Flatten the channel of ``scan`` and detect its objects (:func:`detect_frame`).
 
     Returns
@@ -97,7 +100,7 @@ def detect(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float] | Non
     EmptyScanError, ChannelError
         As :func:`detect_frame`.
     """
-    d = detect_frame(scan, cfg, reference_extents_nm, library_channel)
+    d = detect_frame(scan, cfg, reference_extents_nm, library_channel, templates)
     return d.image, d.regions
 
 
@@ -208,6 +211,8 @@ class Recognizer:
         self.reference_extents_nm: list[float] | None = None
         #: the channel the references were recorded on (``channel: auto`` follows it), None if unknown
         self.library_channel: str | None = None
+        #: the references as crops, for the template detector (dense frames)
+        self.templates: list[Template] | None = None
 
     def descriptor_weight(self, refs: RefEmbeddings, height_unit: str) -> float:
         """The descriptor weight w in effect for ``refs`` (``cfg.match.descriptor_weight`` or 0).
@@ -281,6 +286,7 @@ class Recognizer:
         entries = lib.entries(require=False) if ref_sets[first].species else []
         if entries:
             rec.reference_extents_nm = [float(e.extent_nm) for e in entries]
+            rec.templates = [Template(e.species, e.load(), e.pixel_size_nm, float(e.extent_nm)) for e in entries]
             chans = {e.provenance.get("channel") for e in entries}
             if len(chans) == 1 and None not in chans:
                 rec.library_channel = str(chans.pop())
@@ -421,7 +427,8 @@ class Recognizer:
         image = flatten(frame, plane=cfg.flatten.plane, rows=cfg.flatten.rows)
         t1 = time.perf_counter()
         regions, report = detect_objects(image, scan.pixel_size_nm, cfg.segment, self.reference_extents_nm,
-                                         pixel_size_known=scan.units.get(channel) != "a.u.")
+                                         pixel_size_known=scan.units.get(channel) != "a.u.",
+                                         templates=self.templates)
         if cinfo.get("warning"):
             report.note = f"{report.note}; {cinfo['warning']}" if report.note else cinfo["warning"]
         t2 = time.perf_counter()

@@ -156,3 +156,53 @@ def test_cli_wrong_channel_is_one_line_and_the_channel_used_is_printed(sxm_dir, 
     out = json.loads((tmp_path / "porphyrin_pair_128_up_nan51pct.stm-agent.json").read_text())
     assert out["scan"]["channel"] == "Current" and out["detection"]["method"] == "scale"
     assert out["detection"]["channel"]["reason"].startswith("Z is flat")
+
+
+def _drawn_templates(folder, seed):
+    """One reference per class drawn at its labelled box (crop 2 x the box's longer side)."""
+    import cv2
+
+    from stm_agent.agent.segment import fill_nan
+    from stm_agent.agent.templates import Template
+
+    a = json.loads((folder / "annotations.json").read_text())
+    files = {im["id"]: folder / im["file_name"] for im in a["images"]}
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in a["categories"]:
+        anns = [b for b in a["annotations"] if b["category_id"] == c["id"]]
+        b = anns[rng.integers(len(anns))]
+        x, y, w, h = b["bbox"]
+        e = float(max(w, h))
+        f, _ = fill_nan(flatten(image_scan(files[b["image_id"]], 1.0).frame("Z")))
+        side = int(round(2 * e))
+        out.append(Template(c["name"], cv2.getRectSubPix(f, (side, side), (x + w / 2, y + h / 2)), (1.0, 1.0), e))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_dense_fhpb_monolayer_whole_molecules_with_references(labelled_dir, seed):
+    """F-HPB: the scale detector sees lobes (the layer is dense); with one L and one R reference the
+    template detector finds each molecule whole (IoU >= 0.5), auto says why."""
+    cfg = load_config()
+    temps = _drawn_templates(labelled_dir / "fhpb", seed)
+    hit = total = 0
+    for path, boxes in _coco(labelled_dir / "fhpb"):
+        scan = image_scan(path, 1.0)
+        ny, nx = scan.shape
+        inner = (boxes[:, 0] > 1) & (boxes[:, 1] > 1) & (boxes[:, :2] + boxes[:, 2:] < [nx - 1, ny - 1]).all(1)
+        d = detect_frame(scan, cfg, templates=temps)
+        assert d.report.method == "template" and d.report.reason.startswith("dense frame")
+        db = np.array([r.bbox_px for r in d.regions if not r.touches_edge], float).reshape(-1, 4)
+        iou = box_iou(boxes[inner], db)
+        hit += int((iou.max(axis=1) >= 0.5).sum())
+        total += int(inner.sum())
+        # one detection per molecule: no more counted objects than labelled + 20 %
+        assert len(db) <= 1.2 * len(boxes)
+    assert hit / total >= 0.95, f"{hit}/{total}"
+
+
+def test_sparse_frame_with_a_reference_keeps_the_scale_detector(labelled_dir):
+    temps = _drawn_templates(labelled_dir / "sparse", 1)
+    d = detect_frame(image_scan(labelled_dir / "sparse" / "test_16.png", 1.0), load_config(), templates=temps)
+    assert d.report.method == "scale" and d.report.reason.startswith("sparse frame")
