@@ -317,6 +317,7 @@ class ResultStore:
         name: str | None = None,
         message: dict[str, Any] | None = None,
         source: str | None = None,
+        body: dict[str, Any] | None = None,
     ) -> bool:
         """Record one frame result (ok or error). Idempotent: a known ``frame_id`` is left unchanged.
 
@@ -339,6 +340,8 @@ class ResultStore:
             ``frame_seq`` is set here, in place, to the number the frame is recorded under.
         source : str | None
             Overrides ``result.source`` (``folder`` / ``controller`` / ``nanonis``).
+        body : dict | None
+            ``result.to_json()`` when the caller has it already (it is not computed again).
 
         Returns
         -------
@@ -350,7 +353,7 @@ class ResultStore:
         StoreError
             The database cannot be written (disk full, locked for longer than 10 s ...).
         """
-        body = result.to_json()
+        body = body if body is not None else result.to_json()
         row = {
             "frame_id": result.frame_id,
             "source": source or result.source,

@@ -86,7 +86,7 @@ _SEQ_BLOCK = 1000
 #: connected before reconnect within ZeroMQ's reconnect interval (0.1 s) and would miss it otherwise.
 REDELIVERY_GRACE_S = 1.0
 _RETRY_MAX_S = 5.0  # longest pause between two attempts to write the store (disk full ...)
-_PAYLOAD_CACHE_BYTES = 256 << 20  # received payloads kept in memory for the worker (also on disk)
+_PAYLOAD_CACHE_BYTES = 64 << 20  # received payloads kept in memory for the worker (also on disk)
 _SPOOL_PRUNE_EVERY_S = 5.0
 _SCAN_KEYS = ("pixels", "range_nm", "pixel_size_nm", "bias_V", "setpoint_A", "direction", "angle_deg", "channel")
 _FRAME_HEADER = ("frame_id", "source", "path", "name", "acquired_at", "received_at", "processed_at", "scan")
@@ -387,12 +387,12 @@ class Agent:
             "config_digest": self.config_digest,
         }
         msg["latency_ms"] = self._latency_ms(msg["received_at"])
+        body = result.to_json()  # once, for the store and the frame.detections message
         self._store_write(row, lambda: self.store.record(
             result, row["path"], self.config_digest, received_at=_parse_time(msg["received_at"]), name=msg["name"],
-            message=msg, source=row["source"]))
+            message=msg, source=row["source"], body=body))
         self._after_record(row)
-        detections = [d.to_json() for d in result.detections]
-        sent = self._publish_frame(msg, detections)
+        sent = self._publish_frame(msg, body["detections"])
         self.hooks.after_publish(msg, result)
         self.frames_done += 1
         self._frame_metrics("ok", msg["latency_ms"])
