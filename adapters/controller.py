@@ -277,7 +277,7 @@ class ControllerSource:
         try:
             if not sock.poll(timeout_ms, zmq.POLLIN):
                 return False
-            frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            raw = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)  # sizes first: no copy of a refused payload
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
@@ -287,6 +287,16 @@ class ControllerSource:
             time.sleep(_POLL_MS / 1000)
             return False
         self._count("received")
+        big = max((len(f) for f in raw), default=0)
+        if big > self._max_payload:
+            topic = raw[0].bytes[:60].decode("utf-8", "replace") if raw and len(raw[0]) <= 256 else "?"
+            self._bad("payload_too_large", f"{topic}: a message frame of {big} bytes exceeds max_payload_mb = "
+                                           f"{self.cfg.max_payload_mb}")
+            if self.ack and len(raw) >= 2 and len(raw[1]) <= 256:
+                self._send(sock, [b"ack", raw[1].bytes, b"rejected"])
+            return True
+        frames = [f.bytes for f in raw]
+        del raw
         msg_id = None
         if self.ack:
             if len(frames) < 2 or frames[0] != b"frame":

@@ -228,8 +228,12 @@ class ResultStore:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 if lock:
                     self._store_lock = StoreLock(self.path)
-                # created 0640 before SQLite opens it (SQLite gives its -wal/-shm the same mode)
-                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE))
+                # a new store is created 0640 before SQLite opens it (its -wal/-shm get the same mode)
+                try:
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     _FILE_MODE))
+                except FileExistsError:
+                    pass
             # check_same_thread=False: the folder source's thread asks has() while the worker records;
             # every use of the connection is serialised by self._lock.
             self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=10.0, isolation_level=None)
@@ -275,7 +279,8 @@ class ResultStore:
                                  [(top + i + 1, rid) for i, rid in enumerate(ids)])
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite may have rolled back itself (disk full)
+                self._db.execute("ROLLBACK")
             raise
 
     # ------------------------------------------------------------------ writing
@@ -301,7 +306,8 @@ class ResultStore:
                     self._db.execute("DELETE FROM inbox WHERE frame_id = ?", (row["frame_id"],))
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # SQLite may have rolled back itself (disk full)
+                        self._db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
                 raise StoreError(self.path or ":memory:", f"cannot record frame {row['frame_id']} ({exc})") from exc
@@ -531,7 +537,8 @@ class ResultStore:
                                      (str(first + block - 1),))
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # SQLite may have rolled back itself (disk full)
+                        self._db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
                 raise StoreError(self.path or ":memory:", f"cannot reserve sequence numbers ({exc})") from exc

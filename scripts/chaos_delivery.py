@@ -41,13 +41,19 @@ from stm_agent.adapters.zmq_io import Subscriber  # noqa: E402
 from stm_agent.agent.config import AgentConfig  # noqa: E402
 from stm_agent.agent.pipeline import detect, reference_crop_at  # noqa: E402
 
+# The agent; STM_CHAOS_SLOW_MS adds that much to every frame (so that kills land mid-frame).
 AGENT_CODE = (
-    "import logging, sys\n"
+    "import logging, os, sys, time\n"
     "logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
     "from stm_agent.agent.config import AgentConfig\n"
     "from stm_agent.agent.daemon import Agent, install_signal_handlers\n"
+    "from stm_agent.agent.pipeline import Recognizer\n"
     "cfg = AgentConfig.model_validate_json(open(sys.argv[1]).read())\n"
-    "a = Agent(cfg); install_signal_handlers(a); a.run()\n"
+    "rec = Recognizer.from_config(cfg, allow_empty=True)\n"
+    "slow = float(os.environ.get('STM_CHAOS_SLOW_MS', '0')) / 1000\n"
+    "inner = rec.recognise\n"
+    "rec.recognise = (lambda scan: (time.sleep(slow), inner(scan))[1]) if slow else inner\n"
+    "a = Agent(cfg, recognizer=rec); install_signal_handlers(a); a.run()\n"
 )
 
 
@@ -118,6 +124,7 @@ def feed_folder(work: Path) -> Path:
 def store_state(path: Path) -> tuple[set[str], set[str], list[int]]:
     with ResultStore(path) as s, s._lock:
         done = {r[0] for r in s._db.execute("SELECT frame_id FROM frames")}
+        store_state.errors = [r[0] for r in s._db.execute("SELECT reason FROM frames WHERE status = 'error'")]
         waiting = {r[0] for r in s._db.execute("SELECT frame_id FROM inbox")}
         fseq = [r[0] for r in s._db.execute("SELECT frame_seq FROM frames ORDER BY frame_seq")]
     return done, waiting, fseq
@@ -147,6 +154,7 @@ class Collector:
 
 # ----------------------------------------------------------------------------- kill -9 rounds
 def cmd_kill(a: argparse.Namespace) -> None:
+    os.environ["STM_CHAOS_SLOW_MS"] = str(a.slow_ms)
     work = Path(tempfile.mkdtemp(prefix="chaos-kill-"))
     refs = make_refs(work / "refs")
     (work / "acq").mkdir()
@@ -233,12 +241,13 @@ def cmd_kill(a: argparse.Namespace) -> None:
             recoverable += [r["frame_seq"] for r in rows]
             n = rows[-1]["frame_seq"]
     print(json.dumps({
-        "mode": "pubsub" if a.pubsub else "ack", "rounds": a.rounds, "elapsed_s": round(elapsed, 1),
+        "mode": "pubsub" if a.pubsub else "ack", "rounds": a.rounds, "slow_ms": a.slow_ms, "elapsed_s": round(elapsed, 1),
         "final_exit": rc, "kills_with_a_frame_in_progress": kills_mid_frame,
         "folder": {"dropped": len(folder_ids), "recorded": len(folder_ids & done), "lost": len(folder_ids - done)},
         "feed": {"sent": len(feed_ids), "recorded": len(feed_ids & done), "lost": len(feed_ids - done - waiting),
                  "resent_by_controller": feed.resent if not a.pubsub else None},
-        "waiting_at_end": len(waiting), "recorded": len(done),
+        "waiting_at_end": len(waiting), "recorded": len(done), "recorded_as_error": len(store_state.errors),
+        "error_reasons": sorted(set(e[:80] for e in store_state.errors)),
         "frame_seq_gap_free": fseq == list(range(1, len(fseq) + 1)),
         "frame.counts_seen": len(coll.msgs), "duplicated_as_new": dup_new,
         "frames_seen_live": len(seen_seq & set(fseq)), "frames_only_recoverable_by_since": len(set(fseq) - seen_seq),
@@ -313,6 +322,9 @@ def cmd_diskfull(a: argparse.Namespace) -> None:
         cfg = base_cfg(work, refs, store_dir=disk)
         cfg.acquisition.enabled = False
         cfg.results.out_dir = disk / "out"
+        if a.store_only:  # only the SQLite store on the small disk: the inbox and the worker's record fail
+            cfg.results.spool_dir = work / "spool"
+            cfg.results.out_dir = work / "out"
         feed = ReplayFeed(feed_folder(work), "tcp://127.0.0.1:*", mode="sxm", interval_s=0.02, count=a.frames,
                           unique=True, sndhwm=10, send_timeout_s=600.0)
         cfg.controller.enabled, cfg.controller.endpoint = True, feed.endpoint
@@ -320,8 +332,8 @@ def cmd_diskfull(a: argparse.Namespace) -> None:
         wait_heartbeat(cfg.publish.endpoint, proc)
         filler = disk / "filler"
         free = shutil.disk_usage(disk).free
-        with open(filler, "wb") as f:  # leave room for about a_few frames
-            f.write(b"\0" * max(free - a.room_mb * (1 << 20), 0))
+        with open(filler, "wb") as f:  # leave room for a few frames
+            f.write(b"\0" * max(free - int(a.room_mb * (1 << 20)), 0))
         print(f"tmpfs {a.disk_mb} MB, {shutil.disk_usage(disk).free / 1e6:.1f} MB free after the filler", flush=True)
         sent: list = []
         feed.wait_for_subscriber(30)
@@ -342,11 +354,12 @@ def cmd_diskfull(a: argparse.Namespace) -> None:
         rc = proc.p.wait(60)
         stats = _stop_line(proc.log())
         done, waiting, _ = store_state(cfg.results.store)
-        full_lines = [line for line in log_full.splitlines() if "full" in line.lower() or "No space" in line]
-        print(json.dumps({"frames": a.frames, "sent": len(sent), "exit": rc, **stats, "recorded": len(done),
+        full_lines = [line for line in log_full.splitlines() if " ERROR " in line]
+        print(json.dumps({"disk_mb": a.disk_mb, "room_mb": a.room_mb, "store_only": a.store_only,
+                          "frames": a.frames, "sent": len(sent), "exit": rc, **stats, "recorded": len(done),
                           "waiting": len(waiting), "lost": len({x.frame_id for x in sent} - done - waiting),
                           "full_for_s": a.full_s, "error_lines_while_full": errors_while_full,
-                          "first_full_line": full_lines[0][:300] if full_lines else None}, indent=1))
+                          "error_lines": [x[24:260] for x in full_lines]}, indent=1))
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
@@ -424,19 +437,21 @@ def main() -> None:
     k = sub.add_parser("kill")
     k.add_argument("--rounds", type=int, default=50)
     k.add_argument("--pubsub", action="store_true")
-    k.add_argument("--feed-frames", type=int, default=150)
-    k.add_argument("--feed-interval", type=float, default=1.5)
-    k.add_argument("--folder-frames", type=int, default=100)
-    k.add_argument("--folder-interval", type=float, default=2.2)
+    k.add_argument("--feed-frames", type=int, default=200)
+    k.add_argument("--feed-interval", type=float, default=0.6)
+    k.add_argument("--folder-frames", type=int, default=120)
+    k.add_argument("--folder-interval", type=float, default=1.0)
+    k.add_argument("--slow-ms", type=float, default=300.0, help="added to every frame's processing")
     k.add_argument("--max-run-s", type=float, default=2.5)
     k.add_argument("--seed", type=int, default=15)
     s = sub.add_parser("sigterm")
     s.add_argument("--frames", type=int, default=300)
     d = sub.add_parser("diskfull")
     d.add_argument("--disk-mb", type=int, default=64)
-    d.add_argument("--room-mb", type=int, default=6)
+    d.add_argument("--room-mb", type=float, default=6)
     d.add_argument("--frames", type=int, default=40)
     d.add_argument("--full-s", type=float, default=20.0)
+    d.add_argument("--store-only", action="store_true", help="spool and result files elsewhere")
     sub.add_parser("twoagents")
     m = sub.add_parser("memory")
     m.add_argument("--payload-mb", type=int, default=100)
