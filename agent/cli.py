@@ -12,6 +12,7 @@
     stm-agent status                           what a running agent is doing
     stm-agent results export                   per-frame / per-object tables (csv, json, parquet)
     stm-agent batch FOLDER... --out DIR        recount whole archives in parallel (resumable)
+    stm-agent discover SCANS|FOLDER... --out D propose species by clustering (gallery + tables)
     stm-agent dashboard                        the live page in the browser (127.0.0.1:8765)
     stm-agent --version                        the installed version
 
@@ -33,6 +34,7 @@ import typer
 from rich.table import Table
 
 from stm_agent.agent.cli_batch import batch
+from stm_agent.agent.cli_discover import discover
 from stm_agent.agent.cli_models import models_app
 from stm_agent.agent.cli_evaluate import evaluate
 from stm_agent.agent.cli_dashboard import dashboard
@@ -58,6 +60,7 @@ app.command()(replay)
 app.command()(evaluate)
 app.command()(batch)
 app.command()(dashboard)
+app.command()(discover)
 
 
 def _version(value: bool) -> None:
@@ -262,10 +265,15 @@ def refs_add(
                                          "instead of --scan/--at."),
     pixel_size: Optional[float] = typer.Option(None, "--pixel-size", help="Pixel size in nm of --image "
                                                "or of an image --scan."),
+    from_cluster: Optional[int] = typer.Option(None, "--from-cluster", help="Adopt the medoids (most typical "
+                                               "objects) of cluster N of `stm-agent discover` as references."),
+    discovery: Path = typer.Option(Path("discovery"), "--discovery", help="The --out folder of `stm-agent "
+                                   "discover` (with --from-cluster)."),
+    medoids: int = typer.Option(3, "--medoids", min=1, max=5, help="How many medoids to adopt (with --from-cluster)."),
     refs: Optional[Path] = RefsOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
-    """Add one example of SPECIES to the reference library."""
+    """Add one example of SPECIES to the reference library (or a discovered cluster's medoids)."""
     from stm_agent.adapters.references import ReferenceLibrary
     from stm_agent.adapters.scanfile import read_scan
     from stm_agent.agent.pipeline import reference_crop_at
@@ -273,6 +281,13 @@ def refs_add(
     cfg = _config(config, refs)
     lib = ReferenceLibrary(cfg.references.folder)
     try:
+        if from_cluster is not None:
+            from stm_agent.agent.cli_discover import adopt_cluster
+
+            for path in adopt_cluster(species, from_cluster, discovery, cfg, n=medoids, pixel_size=pixel_size):
+                console.print(f"added reference of [bold]{escape(species)}[/] from cluster {from_cluster}: "
+                              f"{escape(str(path))}", soft_wrap=True)
+            return
         if image is not None:
             from stm_agent.adapters.images import read_image
 

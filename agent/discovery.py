@@ -1,0 +1,433 @@
+"""Species discovery before the first reference: segment every object of a set of frames, embed it,
+cluster the embeddings, and propose each cluster as a species (its medoids as references).
+
+The unsupervised route of the method (METHOD.md: "Autoencoder + clustering", UCL review of
+Si(001); Kolev et al., arXiv 2506.01678; counting-molecules' clustering of Zernike features):
+
+1. **Objects**: the agent's own detection (channel choice, flatten, detect) on
+   every frame (:func:`agent.pipeline.detect_frame`); objects cut by the edge are left out. Every object is cut in one square window of
+   ``window_factor`` x the median object extent (nm) of the whole set, resampled to ``size_px``
+   and stretched to 8-bit grey (:func:`agent.normalise.normalise_crops`).
+2. **Embeddings** (:func:`embed`; rows L2-normalised blocks):
+
+   * ``pixels``: rotation-canonicalised pixels (:func:`canonical_pixels`): 24 x 24 crops, each
+     turned to the one of 36 poses that best matches a common template re-estimated from the
+     turned crops; mirror images are NOT folded together (enantiomers stay apart). (Turning each
+     crop to its own principal axis, Hu 1962 moments, was tried first: on near-isotropic molecules
+     such as F-HPB the axis is ill-defined and ARI fell to 0.13 on crops/FHPB.)
+   * ``rawpixels``: the crops as they are (no pose change): right when the objects share one
+     orientation (a monolayer on a substrate lattice).
+   * ``zernike``: the 27 counting-molecules features (:class:`models.zernike.ZernikeEncoder`;
+     rotation and mirror invariant).
+   * ``descriptors``: log area (nm^2), log extent (nm), apparent height, contrast sign
+     (:func:`agent.descriptors.describe_objects`), robust-standardised over the set.
+   * ``autoencoder``: the latent vector of a small convolutional autoencoder trained on the
+     session's own crops (:mod:`models.autoencoder`; torch to train, onnxruntime to run).
+   * ``A+B``: blocks concatenated, each block scaled to unit mean squared norm (equal weight).
+3. **Clustering** (:func:`cluster`; scikit-learn): ``kmeans`` with k chosen by the silhouette
+   (Rousseeuw 1987) over k = 2..``k_max`` (not the elbow, as the review recommends),
+   ``agglomerative`` (Ward linkage, k by silhouette), ``hdbscan`` (Campello et al. 2013;
+   noise = cluster -1). Pixel blocks are reduced by PCA (16 components) first.
+4. **Medoids**: per cluster, the objects closest to the cluster mean in the embedding space; they
+   are shown first in the gallery and become the references of ``refs add --from-cluster``.
+
+Pure computation; the files (gallery PNGs, tables, discovery.json) are written by
+:mod:`adapters.gallery`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+__all__ = ["Objects", "collect_objects", "objects_from_boxes", "canonical_pixels", "embed", "cluster",
+           "Clustering", "medoids", "EMBEDDINGS", "METHODS", "DEFAULT_EMBEDDING", "DEFAULT_METHOD",
+           "cluster_scores"]
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS = ("pixels", "rawpixels", "zernike", "descriptors", "pixels+descriptors", "rawpixels+descriptors",
+              "zernike+descriptors")
+METHODS = ("kmeans", "agglomerative", "hdbscan")
+#: The default, measured on the shared labelled sets (docs/discovery.md).
+DEFAULT_EMBEDDING = "pixels"
+DEFAULT_METHOD = "kmeans"
+CANON_PX = 24
+
+
+@dataclass
+class Objects:
+    """The objects of a set of frames, ready to embed.
+
+    Attributes
+    ----------
+    grey : np.ndarray
+        uint8 ``(N, S, S)`` crops (one window for the whole set, stretched per crop).
+    desc : np.ndarray
+        float64 ``(N, 4)``: area (nm^2), extent (nm), apparent height (pm for Z in m, else units of
+        the local roughness), contrast sign (+1 protrusion, -1 depression).
+    frame : list[str]
+        Source (scan path) of each object.
+    height_unit : str
+        ``pm`` when every frame is a height channel in m, else ``sigma`` (robust local roughness).
+    centroid_px : np.ndarray
+        float64 ``(N, 2)`` ``(x, y)`` pixels in its frame (display orientation).
+    bbox_px : np.ndarray
+        int ``(N, 4)`` ``(x, y, w, h)``.
+    window_nm : float
+        Side of the crop window, nm.
+    labels : list[str] | None
+        True class of each object (evaluation only).
+    """
+
+    grey: np.ndarray
+    desc: np.ndarray
+    frame: list[str]
+    centroid_px: np.ndarray
+    bbox_px: np.ndarray
+    window_nm: float
+    labels: list[str] | None = None
+    frames: list[str] = field(default_factory=list)
+    height_unit: str = "sigma"
+
+    def __len__(self) -> int:
+        return len(self.grey)
+
+
+def _desc_matrix(d) -> np.ndarray:
+    return np.column_stack([d.area_nm2, d.extent_nm, d.height, d.contrast_sign]).astype(np.float64)
+
+
+def collect_objects(scans: Sequence[Any], cfg, window_factor: float | None = None,
+                    on_error: Any | None = None) -> Objects:
+    """Segment every frame and cut every whole object (not touching the edge) in one window.
+
+    Parameters
+    ----------
+    scans : sequence of agent.domain.Scan
+    cfg : AgentConfig
+        ``channel``, ``direction``, ``flatten``, ``segment``, ``normalise`` (``size_px``,
+        ``window_factor`` unless given).
+    window_factor : float | None
+        Window side = factor x the median extent of all objects (nm).
+    on_error : callable(scan, exception) | None
+        Called for a frame that cannot be segmented (no acquired pixel, channel absent), which is
+        then skipped; None = raise.
+
+    Returns
+    -------
+    Objects
+        Possibly empty (no object found).
+
+    Raises
+    ------
+    EmptyScanError, KeyError
+        As :func:`agent.pipeline.detect` (the caller skips such frames).
+    """
+    from stm_agent.agent.descriptors import describe_regions, z_unit_of
+    from stm_agent.agent.errors import StmAgentError
+    from stm_agent.agent.normalise import normalise_crops
+    from stm_agent.agent.pipeline import detect_frame
+
+    per = []
+    units = set()
+    for scan in scans:
+        try:
+            fd = detect_frame(scan, cfg)
+        except (StmAgentError, KeyError) as exc:
+            if on_error is None:
+                raise
+            on_error(scan, exc)
+            continue
+        regions = [r for r in fd.regions if not r.touches_edge]
+        if regions:
+            per.append((scan, fd.image, regions))
+            units.add(z_unit_of(scan.units.get(fd.channel)))
+    # heights in pm only when every frame is a height channel in m; else all in robust sigma
+    z_unit = "m" if units == {"m"} else None
+    s = cfg.normalise.size_px
+    if not per:
+        return Objects(np.zeros((0, s, s), np.uint8), np.zeros((0, 4)), [], np.zeros((0, 2)),
+                       np.zeros((0, 4), int), 0.0, frames=[])
+    extents = np.concatenate([[r.extent_nm for r in regs] for _, _, regs in per])
+    window = float((window_factor or cfg.normalise.window_factor) * np.median(extents))
+    greys, descs, frames, cents, boxes = [], [], [], [], []
+    for scan, image, regs in per:
+        c = np.array([r.centroid_px for r in regs], np.float64)
+        greys.append(normalise_crops(image, c, window, scan.pixel_size_nm, cfg.normalise))
+        descs.append(_desc_matrix(describe_regions(image, regs, scan.pixel_size_nm, z_unit)))
+        frames += [scan.source] * len(regs)
+        cents.append(c)
+        boxes.append(np.array([r.bbox_px for r in regs], int))
+    return Objects(np.concatenate(greys), np.concatenate(descs), frames, np.concatenate(cents),
+                   np.concatenate(boxes), window, frames=[sc.source for sc, _, _ in per],
+                   height_unit="pm" if z_unit == "m" else "sigma")
+
+
+def objects_from_boxes(images: Sequence[tuple[np.ndarray, np.ndarray, tuple[float, float], str]], cfg,
+                       labels: list[str] | None = None, window_factor: float = 1.3) -> Objects:
+    """Objects given by boxes (labelled data: evaluation of the clustering on the true objects).
+
+    Parameters
+    ----------
+    images : sequence of (image, boxes, pixel_size_nm, name)
+        ``image`` float ``(ny, nx)`` (flattened or rendered grey), ``boxes`` ``(K, 4)`` ``(x, y, w, h)``
+        px, pixel size (nm), a name.
+    cfg : AgentConfig
+    labels : list[str] | None
+        True class per box, all images concatenated.
+    window_factor : float
+        Window side = factor x the median box diagonal (nm) of the set.
+    """
+    from stm_agent.agent.descriptors import describe_objects
+    from stm_agent.agent.normalise import normalise_crops
+
+    diag = np.concatenate([np.hypot(b[:, 2], b[:, 3]) * ps[0] for _, b, ps, _ in images])
+    window = float(window_factor * np.median(diag))
+    greys, descs, frames, cents, boxes = [], [], [], [], []
+    for image, b, ps, name in images:
+        b = np.asarray(b, np.float64).reshape(-1, 4)
+        c = b[:, :2] + b[:, 2:] / 2
+        greys.append(normalise_crops(image, c, window, ps, cfg.normalise))
+        descs.append(_desc_matrix(describe_objects(image, np.rint(b).astype(np.int64), ps, z_unit=None)))
+        frames += [name] * len(b)
+        cents.append(c)
+        boxes.append(np.rint(b).astype(int))
+    return Objects(np.concatenate(greys), np.concatenate(descs), frames, np.concatenate(cents),
+                   np.concatenate(boxes), window, labels=labels, frames=[n for *_, n in images])
+
+
+# ---------------------------------------------------------------------------- embeddings
+def canonical_pixels(grey: np.ndarray, size: int = CANON_PX, mean_grey: float = 120.0, steps: int = 36,
+                     iterations: int = 3) -> np.ndarray:
+    """Rotation-canonicalised crops: every crop turned to the pose that best matches a common
+    template, the template re-estimated from the turned crops (generalised Procrustes alignment over
+    ``steps`` rotations; no mirroring, so enantiomers stay apart).
+
+    Parameters
+    ----------
+    grey : np.ndarray
+        uint8 ``(N, S, S)`` crops (object centred, background ``mean_grey`` outside the disc).
+    size : int
+        Output side, pixels.
+    steps : int
+        Rotations tried, ``360 / steps`` degrees apart (36: UniMR's 10 degree poses).
+    iterations : int
+        Template updates. The first template is the crop with the highest summed correlation to
+        all others at their best poses (the set's most typical object).
+
+    Returns
+    -------
+    np.ndarray
+        float32 ``(N, size, size)``, zero-mean and unit-norm inside the disc, each at its chosen pose.
+    """
+    g = np.asarray(grey, np.float32)
+    n, s, _ = g.shape
+    small = np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_AREA) for c in g]) if s != size else g
+    yy, xx = np.mgrid[:size, :size].astype(np.float32) - (size - 1) / 2.0
+    disc = (xx ** 2 + yy ** 2) <= (size / 2.0) ** 2
+    centre = ((size - 1) / 2.0, (size - 1) / 2.0)
+    poses = np.empty((n, steps, size, size), np.float32)
+    for r in range(steps):  # one affine warp per crop and pose (OpenCV), no per-pixel Python
+        m = cv2.getRotationMatrix2D(centre, 360.0 * r / steps, 1.0)
+        for i in range(n):
+            poses[i, r] = cv2.warpAffine(small[i], m, (size, size), flags=cv2.INTER_LINEAR,
+                                         borderValue=float(mean_grey))
+    v = poses[:, :, disc]  # (N, R, P)
+    v = v - v.mean(axis=2, keepdims=True)
+    v /= np.linalg.norm(v, axis=2, keepdims=True) + 1e-9
+    if n == 1:
+        chosen = v[:, 0]
+    else:
+        # most typical object: best-pose correlation summed over a sample of the others
+        sample = v[np.random.default_rng(0).choice(n, size=min(n, 200), replace=False), 0]  # (M, P)
+        score = np.einsum("nrp,mp->nrm", v, sample).max(axis=1).sum(axis=1)
+        template = v[int(np.argmax(score)), 0]
+        for _ in range(iterations):
+            best = np.einsum("nrp,p->nr", v, template).argmax(axis=1)
+            chosen = v[np.arange(n), best]
+            template = chosen.mean(axis=0)
+            template /= np.linalg.norm(template) + 1e-9
+    out = np.zeros((n, size, size), np.float32)
+    out[:, disc] = chosen
+    return out
+
+
+def _unit_block(x: np.ndarray) -> np.ndarray:
+    """Centre columns, scale the block to unit mean squared row norm."""
+    x = np.asarray(x, np.float64)
+    x = x - x.mean(axis=0)
+    return x / (np.sqrt((x ** 2).sum(axis=1).mean()) + 1e-12)
+
+
+def _pca(x: np.ndarray, n: int = 16) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    k = int(min(n, x.shape[0] - 1, x.shape[1]))
+    if k < 1:
+        return x
+    return PCA(n_components=k, random_state=0).fit_transform(x)
+
+
+def _descriptor_block(desc: np.ndarray) -> np.ndarray:
+    d = np.asarray(desc, np.float64).copy()
+    d[:, 0] = np.log(np.maximum(d[:, 0], 1e-12))
+    d[:, 1] = np.log(np.maximum(d[:, 1], 1e-12))
+    med = np.median(d, axis=0)
+    mad = 1.4826 * np.median(np.abs(d - med), axis=0)
+    sd = d.std(axis=0)
+    scale = np.where(mad > 1e-12, mad, np.where(sd > 1e-12, sd, 1.0))
+    return (d - med) / scale
+
+
+def embed(objs: Objects, name: str, *, autoencoder: Any | None = None) -> np.ndarray:
+    """Embedding ``name`` (see :data:`EMBEDDINGS`, or ``autoencoder`` / ``autoencoder+descriptors``)
+    of every object -> float64 ``(N, d)``.
+
+    Raises
+    ------
+    ValueError
+        Unknown name, or ``autoencoder`` without a trained ``autoencoder`` (an object with
+        ``embed(grey uint8 (N, S, S)) -> (N, d)``, :class:`models.autoencoder.AutoencoderEncoder`).
+    """
+    blocks = []
+    for part in name.split("+"):
+        if part == "pixels":
+            c = canonical_pixels(objs.grey).reshape(len(objs), -1)
+            blocks.append(_unit_block(_pca(c)))
+        elif part == "zernike":
+            from stm_agent.models.zernike import ZernikeEncoder
+
+            enc = ZernikeEncoder(size_px=objs.grey.shape[1])
+            blocks.append(_unit_block(enc.embed(objs.grey)))
+        elif part == "descriptors":
+            blocks.append(_unit_block(_descriptor_block(objs.desc)))
+        elif part == "autoencoder":
+            if autoencoder is None:
+                raise ValueError("the autoencoder embedding needs a trained autoencoder (models.autoencoder)")
+            blocks.append(_unit_block(autoencoder.embed(objs.grey)))
+        elif part == "rawpixels":  # the crops as they are, no canonical pose
+            c = objs.grey.reshape(len(objs), -1).astype(np.float64)
+            blocks.append(_unit_block(_pca(c)))
+        else:
+            raise ValueError(f"unknown embedding {part!r}; choose from {', '.join(EMBEDDINGS)} or autoencoder")
+    return np.hstack(blocks)
+
+
+# ---------------------------------------------------------------------------- clustering
+@dataclass
+class Clustering:
+    """Cluster labels and how they were chosen.
+
+    Attributes
+    ----------
+    labels : np.ndarray
+        int ``(N,)`` cluster per object, 0..k-1 (HDBSCAN noise: -1).
+    method : str
+    k : int
+        Clusters (noise excluded).
+    silhouette : float
+        Of the chosen partition (NaN when undefined).
+    tried : dict[int, float]
+        Silhouette per k tried (kmeans / agglomerative).
+    """
+
+    labels: np.ndarray
+    method: str
+    k: int
+    silhouette: float
+    tried: dict[int, float] = field(default_factory=dict)
+
+
+def _silhouette(x: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import silhouette_score
+
+    ok = labels >= 0
+    if len(set(labels[ok].tolist())) < 2 or ok.sum() < 3:
+        return float("nan")
+    n = int(ok.sum())
+    return float(silhouette_score(x[ok], labels[ok], sample_size=min(n, 2000), random_state=0))
+
+
+def cluster(x: np.ndarray, method: str = DEFAULT_METHOD, *, k: int | None = None, k_max: int = 8,
+            min_cluster_size: int | None = None, seed: int = 0) -> Clustering:
+    """Cluster embeddings ``x`` float ``(N, d)``.
+
+    Parameters
+    ----------
+    method : {"kmeans", "agglomerative", "hdbscan"}
+    k : int | None
+        Fixed number of clusters (kmeans / agglomerative); None = by silhouette over 2..k_max.
+    k_max : int
+        Largest k tried (also bounded by N // 3).
+    min_cluster_size : int | None
+        HDBSCAN; default max(5, N // 25).
+    seed : int
+        k-means initialisation.
+
+    Raises
+    ------
+    ValueError
+        Unknown method, or fewer than 3 objects.
+    """
+    from sklearn.cluster import HDBSCAN, AgglomerativeClustering, KMeans
+
+    x = np.asarray(x, np.float64)
+    n = len(x)
+    if n < 3:
+        raise ValueError(f"need at least 3 objects to cluster, got {n}")
+    if method == "hdbscan":
+        mcs = min_cluster_size or max(5, n // 25)
+        lab = HDBSCAN(min_cluster_size=min(mcs, n), copy=True).fit_predict(x)
+        return Clustering(lab, method, int(lab.max() + 1), _silhouette(x, lab))
+    if method not in ("kmeans", "agglomerative"):
+        raise ValueError(f"unknown clustering {method!r}; choose from {', '.join(METHODS)}")
+
+    def fit(kk: int) -> np.ndarray:
+        if method == "kmeans":
+            return KMeans(n_clusters=kk, n_init=10, random_state=seed).fit_predict(x)
+        return AgglomerativeClustering(n_clusters=kk, linkage="ward").fit_predict(x)
+
+    if k is not None:
+        lab = fit(k)
+        return Clustering(lab, method, k, _silhouette(x, lab))
+    tried: dict[int, float] = {}
+    best = None
+    for kk in range(2, max(2, min(k_max, n // 3)) + 1):
+        lab = fit(kk)
+        s = _silhouette(x, lab)
+        tried[kk] = s
+        if best is None or s > best[0]:
+            best = (s, kk, lab)
+    s, kk, lab = best  # type: ignore[misc]
+    return Clustering(lab, method, kk, s, tried)
+
+
+def medoids(x: np.ndarray, labels: np.ndarray, n: int = 5) -> dict[int, list[int]]:
+    """Per cluster (noise excluded), the indices of the ``n`` objects nearest the cluster mean
+    (Euclidean in the embedding), nearest first."""
+    out = {}
+    for c in sorted(set(labels.tolist()) - {-1}):
+        idx = np.flatnonzero(labels == c)
+        d = np.linalg.norm(x[idx] - x[idx].mean(axis=0), axis=1)
+        out[int(c)] = [int(i) for i in idx[np.argsort(d)][:n]]
+    return out
+
+
+def cluster_scores(true: Sequence[str], labels: np.ndarray) -> dict[str, float]:
+    """ARI (Hubert & Arabie 1985), NMI and purity of a clustering against true classes.
+
+    HDBSCAN noise (-1) counts as one more cluster. Purity = sum over clusters of the largest
+    class count / N.
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+    from sklearn.metrics.cluster import contingency_matrix
+
+    t = np.asarray(list(true))
+    cm = contingency_matrix(t, labels)
+    return {"ari": float(adjusted_rand_score(t, labels)), "nmi": float(normalized_mutual_info_score(t, labels)),
+            "purity": float(cm.max(axis=0).sum() / cm.sum()), "k": int(len(set(labels.tolist())))}
