@@ -269,7 +269,7 @@ def refs_add(
                                                "objects) of cluster N of `stm-agent discover` as references."),
     discovery: Path = typer.Option(Path("discovery"), "--discovery", help="The --out folder of `stm-agent "
                                    "discover` (with --from-cluster)."),
-    medoids: int = typer.Option(3, "--medoids", min=1, max=5, help="How many medoids to adopt (with --from-cluster)."),
+    medoids: int = typer.Option(3, "--medoids", help="How many medoids to adopt, 1..5 (with --from-cluster)."),
     refs: Optional[Path] = RefsOpt,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -284,9 +284,11 @@ def refs_add(
         if from_cluster is not None:
             from stm_agent.agent.cli_discover import adopt_cluster
 
+            if not 1 <= medoids <= 5:
+                raise typer.BadParameter(f"--medoids {medoids}: give 1..5 (discovery keeps 5 medoids per cluster)")
             for path in adopt_cluster(species, from_cluster, discovery, cfg, n=medoids, pixel_size=pixel_size):
-                console.print(f"added reference of [bold]{escape(species)}[/] from cluster {from_cluster}: "
-                              f"{escape(str(path))}", soft_wrap=True)
+                console.print(f"added reference of [bold]{esc(species)}[/] from cluster {from_cluster}: "
+                              f"{esc(str(path))}", soft_wrap=True)
             return
         if image is not None:
             from stm_agent.adapters.images import read_image

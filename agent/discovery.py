@@ -68,7 +68,7 @@ class Objects:
     grey : np.ndarray
         uint8 ``(N, S, S)`` crops (one window for the whole set, stretched per crop).
     desc : np.ndarray
-        float64 ``(N, 4)``: area (nm^2), extent (nm), apparent height (pm for Z in m, else units of
+        float64 ``(N, 4)``: area (nm^2), Feret diameter (nm), apparent height (pm for Z in m, else units of
         the local roughness), contrast sign (+1 protrusion, -1 depression).
     frame : list[str]
         Source (scan path) of each object.
@@ -99,7 +99,7 @@ class Objects:
 
 
 def _desc_matrix(d) -> np.ndarray:
-    return np.column_stack([d.area_nm2, d.extent_nm, d.height, d.contrast_sign]).astype(np.float64)
+    return np.column_stack([d.area_nm2, d.feret_nm, d.height, d.contrast_sign]).astype(np.float64)
 
 
 def collect_objects(scans: Sequence[Any], cfg, window_factor: float | None = None,
