@@ -310,6 +310,11 @@ def refs_add(
     except StmAgentError as e:
         fail(e)
     console.print(f"added reference of [bold]{esc(species)}[/]: {esc(path)}", soft_wrap=True)
+    if "position_nm" in prov:  # which object was taken (the nearest segmented one)
+        (xn, yn), (xp, yp) = prov["position_nm"], prov["position_px"]
+        console.print(f"  the object at {xn:.3f}, {yn:.3f} nm ({xp:.0f}, {yp:.0f} px), "
+                      f"{prov.get('area_nm2', float('nan')):.3g} nm^2, {prov.get('extent_nm', float('nan')):.3g} nm across; "
+                      "a running agent uses it from its next frame", soft_wrap=True, highlight=False)
 
 
 @refs_app.command("list")

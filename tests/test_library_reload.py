@@ -55,6 +55,7 @@ def test_refs_add_from_the_cli_is_used_by_the_next_frame(sxm_dir, tmp_path):
         res = CliRunner().invoke(app, ["refs", "add", "adsorbate", "--scan", str(sxm_dir / SCAN), "--at", "91,82",
                                        "--px", "--refs", str(refs)])
         assert res.exit_code == 0, res.output
+        assert "the object at" in res.output and "px)" in res.output  # says which object it took
         end = time.monotonic() + 20
         while agent.hooks.reloads < 1:
             assert time.monotonic() < end, "the agent did not reload its library"

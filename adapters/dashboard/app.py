@@ -161,6 +161,8 @@ def create_app(cfg: AgentConfig, endpoint: str | None = None, token: str | None 
                 yield {"event": "health", "data": json.dumps(hub.health())}
                 while True:
                     event, payload = await q.get()
+                    if event == "_close":
+                        return
                     yield {"event": event, "data": json.dumps(payload, default=str)}
             finally:
                 hub.unsubscribe(q)

@@ -69,6 +69,10 @@ class LiveHub:
         with self._lock:
             self._clients.discard(q)
 
+    def close_clients(self) -> None:
+        """End every page's event stream (before the server stops: open streams would hold it up)."""
+        self._broadcast("_close", {})
+
     @property
     def clients(self) -> int:
         return len(self._clients)

@@ -55,7 +55,8 @@ class DashboardServer:
         self.host = host or cfg.dashboard.host
         self.app = create_app(cfg, endpoint=endpoint, token=token)
         self._config = uvicorn.Config(self.app, host=self.host, port=cfg.dashboard.port if port is None else port,
-                                      log_level="warning", access_log=False, lifespan="on")
+                                      log_level="warning", access_log=False, lifespan="on",
+                                      timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(self._config)
         self._thread: threading.Thread | None = None
 
@@ -95,6 +96,9 @@ class DashboardServer:
                               "(port in use? set dashboard.port)")
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        """End the pages' event streams, stop serving, wait for the thread (at most ``timeout_s``)."""
+        self.app.state.hub.close_clients()
+        time.sleep(0.05)
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout_s)
