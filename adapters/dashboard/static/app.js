@@ -101,9 +101,12 @@ async function showFrame(frameId, live = null) {
   const svg = $("overlay");
   svg.setAttribute("viewBox", `0 0 ${nx} ${ny}`);
   svg.replaceChildren();
+  // resolved by this image's load, or by the load of a newer frame's image that replaced it
   const loaded = new Promise((resolve) => {
     if (!detail.image) { img.removeAttribute("src"); resolve(); return; }
-    img.onload = img.onerror = () => resolve();
+    const done = () => { img.removeEventListener("load", done); img.removeEventListener("error", done); resolve(); };
+    img.addEventListener("load", done);
+    img.addEventListener("error", done);
     img.src = `/api/frames/${frameId}/image.png`;
   });
   miss.hidden = !!detail.image;
