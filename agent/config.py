@@ -157,6 +157,7 @@ class EncoderConfig(_Strict):
     model_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     batch_size: int = Field(64, ge=1)
     threads: int = Field(0, ge=0)
+    precision: Literal["auto", "fp32", "fp16", "int8", "int8-dynamic"] = "auto"
 
 
 class MatchConfig(_Strict):

@@ -3,18 +3,27 @@
 Needs the optional extra ``stm-agent[export]`` (torch, open_clip_torch, onnx, onnxscript); the
 agent itself never imports torch. Usage::
 
-    stm-agent models export --arch ViT-B-32 --pretrained openai --out models/vitb32 [--fp16] [--int8]
+    stm-agent models export --arch ViT-B-32 --pretrained openai --out models/vitb32 [--fp16] [--no-int8]
+                            [--calibrate-sxm SCANS_DIR]
 
 Layout written (each folder is a complete model folder for ``encoder.model_dir``)::
 
-    OUT/model.onnx, OUT/model.json            fp32 (always: the reference of the checks)
-    OUT/fp16/model.onnx, OUT/fp16/model.json  with --fp16: fp16 weights, fp32 input/output
-    OUT/int8/model.onnx, OUT/int8/model.json  with --int8: dynamic int8 quantization of the weights
+    OUT/model.onnx, OUT/model.json                  fp32, fused (always: the reference of the checks)
+    OUT/int8-dynamic/model.onnx, model.json         int8, activation scales per batch (default on)
+    OUT/int8/model.onnx, model.json                 int8, activation scales calibrated on crops cut
+                                                    from .sxm scans (--calibrate-sxm): the CPU default
+    OUT/fp16/...                                    with --fp16: fp16 weights, fp32 input/output
+
+How (issue 14, measured in docs/encoders.md): the attention blocks are rewritten in the
+query/key/value form that ``onnxruntime.transformers`` recognises, exported with the TorchScript
+exporter and fused offline (12 ``Attention``, 24 ``SkipLayerNormalization``, 12 ``BiasGelu`` for
+ViT-B-32); int8 quantises that fused graph (``QAttention`` + ``MatMulInteger``, not the patch
+convolution).
 
 Checks (in the returned report and in each ``model.json`` under ``checks``): the fp32 ONNX
-output against torch eager on the same preprocessed crops (max abs difference of the raw
-embedding, and the smallest cosine), and for fp16/int8 the cosine of each crop's embedding to
-its fp32 ONNX embedding (min and mean).
+output against torch eager (the unmodified open_clip model) on the same preprocessed crops (max abs
+difference of the raw embedding, and the smallest cosine), and for the other precisions the cosine
+of each crop's embedding to its fp32 ONNX embedding (min and mean).
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ import numpy as np
 from stm_agent.agent.errors import ModelError
 from stm_agent.models.metadata import ModelMetadata, sha256_file
 
-OPSET = 18  # >= 17 (LayerNormalization); the torch dynamo exporter's native opset
+OPSET = 17  # >= 17 (LayerNormalization); TorchScript exporter (its graph is what the fusions expect)
+OPSET_DYNAMO = 18  # the torch dynamo exporter's native opset (exporter="dynamo")
 WEIGHTS_HELP = (
     "Weights cannot be downloaded on this machine. Either (a) run `stm-agent models export` on a "
     "machine with internet (it downloads the open_clip weights from the Hugging Face hub into "
@@ -65,6 +75,8 @@ class ExportReport:
         For fp16/int8: ``{"min": .., "mean": ..}`` cosine to the fp32 ONNX embedding.
     file_bytes : dict[str, int]
         precision -> size of the ONNX file.
+    fused : dict[str, int]
+        Operators fused by ``onnxruntime.transformers`` (e.g. ``{"Attention": 12, ...}``).
     """
 
     model_dirs: dict[str, Path] = field(default_factory=dict)
@@ -75,18 +87,21 @@ class ExportReport:
     min_cosine_torch: float = float("nan")
     cosine_vs_fp32: dict[str, dict[str, float]] = field(default_factory=dict)
     file_bytes: dict[str, int] = field(default_factory=dict)
+    fused: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready summary."""
         return {
             "model_dirs": {k: str(v) for k, v in self.model_dirs.items()},
-            "ids": {k: f"clip-onnx/{m.arch}/{m.onnx_sha256[:12]}" for k, m in self.metadata.items()},
+            "ids": {k: f"clip-onnx/{m.arch}/{m.onnx_sha256[:12]}" + ("" if k == "fp32" else f"/{k}")
+                    for k, m in self.metadata.items()},
             "n_check_crops": self.n_check_crops,
             "check_source": self.check_source,
             "max_abs_diff_torch": self.max_abs_diff_torch,
             "min_cosine_torch": self.min_cosine_torch,
             "cosine_vs_fp32": self.cosine_vs_fp32,
             "file_bytes": self.file_bytes,
+            "fused": self.fused,
         }
 
 
@@ -209,10 +224,11 @@ def _torch_embed(model: Any, x: np.ndarray, batch: int = 32) -> np.ndarray:
 def _onnx_embed(path: Path, x: np.ndarray, precision: str = "fp32") -> np.ndarray:
     import onnxruntime as ort
 
-    from stm_agent.models.clip_onnx import session_options
+    from stm_agent.models.clip_onnx import disabled_optimizers, session_options
 
     so = session_options(precision)
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled_optimizers(precision))
     name = sess.get_inputs()[0].name
     return sess.run(None, {name: x})[0].astype(np.float32)
 
@@ -240,18 +256,116 @@ class _ImageTower:
         return Tower(model).eval()
 
 
-def _export_onnx(model: Any, image_size: int, path: Path) -> None:
+def _fusable_attention(mha: Any) -> Any:
+    """The same attention as ``torch.nn.MultiheadAttention`` (batch first, no mask), written as
+    separate query/key/value ``Linear`` layers, ``view + permute`` per head, ``softmax(q k^T /
+    sqrt(d)) v``: the pattern of Hugging Face's ViT that ``onnxruntime.transformers`` fuses into one
+    ``Attention`` node (and ``quantize_dynamic`` into ``QAttention``). Weights are copied from
+    ``mha.in_proj_weight`` (rows q | k | v) and ``mha.out_proj``; the output is equal to the
+    original to float rounding (checked against torch in :func:`export_clip`).
+    """
+    import math
+
+    import torch
+
+    class FusableAttention(torch.nn.Module):
+        def __init__(self, m: torch.nn.MultiheadAttention):
+            super().__init__()
+            d_model, self.h = m.embed_dim, m.num_heads
+            self.d = d_model // self.h
+            self.batch_first = bool(m.batch_first)
+            w = m.in_proj_weight.detach()
+            b = m.in_proj_bias.detach() if m.in_proj_bias is not None else torch.zeros(3 * d_model)
+            self.query, self.key, self.value = (torch.nn.Linear(d_model, d_model) for _ in range(3))
+            for i, lin in enumerate((self.query, self.key, self.value)):
+                lin.weight.data.copy_(w[i * d_model:(i + 1) * d_model])
+                lin.bias.data.copy_(b[i * d_model:(i + 1) * d_model])
+            self.out = torch.nn.Linear(d_model, d_model)
+            self.out.weight.data.copy_(m.out_proj.weight.detach())
+            if m.out_proj.bias is not None:
+                self.out.bias.data.copy_(m.out_proj.bias.detach())
+            else:
+                self.out.bias.data.zero_()
+
+        def _heads(self, x):
+            return x.view(x.size(0), x.size(1), self.h, self.d).permute(0, 2, 1, 3)
+
+        def forward(self, q_x, k_x=None, v_x=None, need_weights=False, attn_mask=None, **kw):
+            if attn_mask is not None or kw.get("key_padding_mask") is not None:
+                raise ValueError("masked attention is not exported (the image tower has no mask)")
+            x = q_x if self.batch_first else q_x.transpose(0, 1)
+            q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+            p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.d), dim=-1)
+            c = torch.matmul(p, v).permute(0, 2, 1, 3).contiguous()
+            y = self.out(c.view(c.size(0), c.size(1), self.h * self.d))
+            return (y if self.batch_first else y.transpose(0, 1)), None
+
+    return FusableAttention(mha).eval()
+
+
+def make_fusable(model: Any) -> tuple[int, int, int]:
+    """Swap every ``nn.MultiheadAttention`` of the image tower for :func:`_fusable_attention`.
+
+    Returns ``(n_swapped, num_heads, hidden_size)`` (``(0, 0, 0)`` when the tower has none, e.g.
+    open_clip's custom blocks: exported as they are, without attention fusion).
+    """
+    import torch
+
+    n, heads, hidden = 0, 0, 0
+    for mod in list(model.visual.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.MultiheadAttention) and child._qkv_same_embed_dim:
+                heads, hidden = child.num_heads, child.embed_dim
+                setattr(mod, name, _fusable_attention(child))
+                n += 1
+    return n, heads, hidden
+
+
+def _export_onnx(model: Any, image_size: int, path: Path, exporter: str = "torchscript") -> None:
+    """Write the image tower to ``path`` (dynamic batch axis ``batch``, one file).
+
+    ``torchscript``: the TorchScript-based exporter, opset 17 (whose graph
+    ``onnxruntime.transformers`` fuses); ``dynamo``: ``torch.export``, opset 18 (no fusion).
+    """
     import torch
 
     tower = _ImageTower(model)
     dummy = torch.zeros(2, 3, image_size, image_size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with torch.inference_mode(False), torch.no_grad():
+    if exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        with torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(
+                tower, (dummy,), str(path), input_names=["image"], output_names=["embedding"],
+                opset_version=OPSET_DYNAMO, dynamo=True, external_data=False,
+                dynamic_shapes={"image": {0: batch}}, optimize=True, verbose=False,
+            )
+        return
+    import warnings
+
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             tower, (dummy,), str(path), input_names=["image"], output_names=["embedding"],
-            opset_version=OPSET, dynamo=True, external_data=False,
-            dynamic_shapes={"image": {0: batch}}, optimize=True, verbose=False,
+            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},
         )
+
+
+def _fuse(src: Path, dst: Path, num_heads: int, hidden: int) -> dict[str, int]:
+    """``onnxruntime.transformers.optimizer`` (model type ``vit``): Attention, SkipLayerNormalization,
+    BiasGelu fusions, written offline so that every session loads the fused graph.
+
+    Returns the counts of fused operators (zeros omitted).
+    """
+    import logging
+
+    from onnxruntime.transformers import optimizer
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    m = optimizer.optimize_model(str(src), model_type="vit", num_heads=num_heads, hidden_size=hidden,
+                                 opt_level=0, use_gpu=False)
+    m.save_model_to_file(str(dst))
+    return {k: int(v) for k, v in m.get_fused_operator_statistics().items() if v}
 
 
 def _fp16(src: Path, dst: Path) -> None:
@@ -268,10 +382,76 @@ def _fp16(src: Path, dst: Path) -> None:
     onnx.save(ir.to_proto(model), str(dst))
 
 
-def _int8(src: Path, dst: Path) -> None:
+#: Operators quantised to int8. Not ``Conv`` (the 32x32 patch embedding): onnxruntime's
+#: ``ConvInteger`` is slower than the float convolution (measured: 23 % of the int8 run time).
+INT8_OPS = ["MatMul", "Attention", "Gemm"]
+
+
+def _int8(src: Path, dst: Path, per_channel: bool = False) -> None:
+    """Dynamic int8: int8 weights, activations quantised per batch at run time (``MatMulInteger``,
+    ``QAttention``; u8 x s8, which AVX-512 VNNI / AVX-VNNI run as ``vpdpbusd``)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                     op_types_to_quantize=INT8_OPS,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def _int8_calibrated(src: Path, dst: Path, calibration: np.ndarray, batch: int = 16) -> int:
+    """Static int8: the dynamic int8 graph ``src`` with every activation scale fixed by calibration.
+
+    Each ``DynamicQuantizeLinear`` (which computes the uint8 scale and zero point of its input from
+    that batch's min/max) becomes a ``QuantizeLinear`` with constants from the min/max of that input
+    over the ``calibration`` network inputs (float32 ``(N, 3, H, W)``): the same arithmetic as
+    onnxruntime's dynamic quantisation (scale = (max(hi, 0) - min(lo, 0)) / 255), the same
+    ``QAttention`` / ``MatMulInteger`` kernels, no per-batch reductions, and an embedding that no
+    longer depends on the other crops of the batch. Values beyond the calibrated range saturate.
+
+    Returns the number of activation scales fixed.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(src))
+    dql = [n for n in m.graph.node if n.op_type == "DynamicQuantizeLinear"]
+    names = [n.input[0] for n in dql]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    have = {o.name for o in probe.graph.output}
+    for nm in dict.fromkeys(names):
+        if nm not in have:
+            probe.graph.output.append(helper.make_tensor_value_info(nm, TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del probe
+    lo = np.full(len(names), np.inf)
+    hi = np.full(len(names), -np.inf)
+    for i in range(0, len(calibration), batch):
+        outs = sess.run(names, {sess.get_inputs()[0].name: calibration[i:i + batch]})
+        lo = np.minimum(lo, [float(o.min()) for o in outs])
+        hi = np.maximum(hi, [float(o.max()) for o in outs])
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    scale = np.maximum((hi - lo) / 255.0, np.finfo(np.float32).tiny)
+    zp = np.clip(np.rint(-lo / scale), 0, 255)
+    nodes = []
+    for n in m.graph.node:
+        if n.op_type != "DynamicQuantizeLinear":
+            nodes.append(n)
+            continue
+        k = names.index(n.input[0])
+        m.graph.initializer.extend([
+            numpy_helper.from_array(np.array(scale[k], np.float32), n.output[1]),
+            numpy_helper.from_array(np.array(zp[k], np.uint8), n.output[2]),
+        ])
+        nodes.append(helper.make_node("QuantizeLinear", [n.input[0], n.output[1], n.output[2]], [n.output[0]],
+                                      name=(n.name or n.output[0]) + "_calibrated"))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    onnx.save(m, str(dst))
+    return len(dql)
 
 
 def export_clip(
@@ -279,13 +459,23 @@ def export_clip(
     pretrained: str | Path | None = None,
     out_dir: str | Path = "clip-model",
     fp16: bool = False,
-    int8: bool = False,
+    int8: bool = True,
     check_crops: np.ndarray | None = None,
     model_cfg: dict | None = None,
     offline: bool = False,
     overwrite: bool = False,
+    calibration_crops: np.ndarray | None = None,
+    exporter: str = "torchscript",
+    fuse: bool = True,
 ) -> ExportReport:
-    """Export open_clip's image tower to ONNX and check it.
+    """Export open_clip's image tower to ONNX, fuse it for onnxruntime, quantise it, and check it.
+
+    Steps: the tower's ``nn.MultiheadAttention`` blocks are rewritten as the equivalent
+    query/key/value form (:func:`make_fusable`), exported with the TorchScript exporter (opset 17),
+    and fused offline by ``onnxruntime.transformers.optimizer`` (``Attention``,
+    ``SkipLayerNormalization``, ``BiasGelu``); ``int8`` quantises that fused graph (``QAttention`` +
+    ``MatMulInteger``), with per-batch activation scales (``int8-dynamic``) and, given
+    ``calibration_crops``, with calibrated fixed ones (``int8``).
 
     Parameters
     ----------
@@ -295,9 +485,12 @@ def export_clip(
         Weights: ``None``/``"none"`` (random), a local checkpoint path, or a tag (``"openai"``,
         ``"laion2b_s34b_b79k"`` ...). See :func:`build_model`.
     out_dir : str | Path
-        Output folder (created). ``fp16/`` and ``int8/`` sub-folders for the variants.
-    fp16, int8 : bool
-        Also write the fp16-weight and the dynamic-int8 variant.
+        Output folder (created). ``fp16/``, ``int8-dynamic/``, ``int8/`` sub-folders for the variants.
+    fp16 : bool
+        Also write the fp16-weight variant (for GPUs; slower than fp32 on CPUs).
+    int8 : bool
+        Also write the int8 variants: ``int8-dynamic`` always, ``int8`` (static, calibrated: the
+        runtime's CPU default) when ``calibration_crops`` are given.
     check_crops : np.ndarray | None
         uint8 ``(N, S, S)`` (or a list of 2-D crops) real STM crops for the checks; ``None`` uses
         8 fixed random crops (``check_source = "synthetic"``).
@@ -307,6 +500,13 @@ def export_clip(
         Fail at once (no HTTP retries) when a named tag is not cached.
     overwrite : bool
         Replace an existing ``model.onnx`` in ``out_dir``.
+    calibration_crops : np.ndarray | None
+        uint8 ``(N, S, S)`` crops (or a list of 2-D crops) cut from ``.sxm`` scans, never from a
+        set used to score recognition: the activation ranges of ``int8/`` (:func:`_int8_calibrated`).
+    exporter : {"torchscript", "dynamo"}
+        ``dynamo`` keeps the earlier torch.export path (opset 18; no fusion, slower).
+    fuse : bool
+        Run the onnxruntime transformer fusions (TorchScript exporter only).
 
     Returns
     -------
@@ -320,6 +520,8 @@ def export_clip(
     """
     from stm_agent.models.preprocess import clip_preprocess
 
+    if exporter not in ("torchscript", "dynamo"):
+        raise ModelError(exporter, "unknown exporter; allowed: torchscript, dynamo")
     out = Path(out_dir)
     if (out / "model.onnx").exists() and not overwrite:
         raise ModelError(out, "already holds model.onnx; choose another --out or pass overwrite")
@@ -340,13 +542,23 @@ def export_clip(
         report.check_source = "given"
     x = clip_preprocess(check_crops, pp["image_size"], pp["mean"], pp["std"], pp["interpolation"])
     report.n_check_crops = len(x)
-    ref = _torch_embed(model, x)
+    ref = _torch_embed(model, x)  # the unmodified open_clip model
     embed_dim = int(ref.shape[1])
+    fused: dict[str, int] = {}
+    n_attn, heads, hidden = (0, 0, 0)
+    if exporter == "torchscript":
+        n_attn, heads, hidden = make_fusable(model)
 
     out.mkdir(parents=True, exist_ok=True)
     path32 = out / "model.onnx"
     try:
-        _export_onnx(model, pp["image_size"], path32)
+        with tempfile.TemporaryDirectory() as td:
+            raw = Path(td) / "raw.onnx"
+            _export_onnx(model, pp["image_size"], raw if (fuse and n_attn) else path32, exporter)
+            if fuse and n_attn:
+                fused = _fuse(raw, path32, heads, hidden)
+    except ModelError:
+        raise
     except Exception as e:
         raise ModelError(path32, f"ONNX export failed: {type(e).__name__}: {e}") from None
     # the dynamo exporter may leave a sidecar weight file when external_data is ignored
@@ -356,7 +568,9 @@ def export_clip(
     e32 = _onnx_embed(path32, x)
     report.max_abs_diff_torch = float(np.abs(e32 - ref).max()) if len(x) else 0.0
     report.min_cosine_torch = float(_cos(e32, ref).min()) if len(x) else 1.0
-    base = dict(arch=arch, pretrained=label, embed_dim=embed_dim, opset=OPSET,
+    report.fused = fused
+    base = dict(arch=arch, pretrained=label, embed_dim=embed_dim,
+                opset=OPSET if exporter == "torchscript" else OPSET_DYNAMO,
                 open_clip_version=open_clip.__version__, torch_version=torch.__version__,
                 checkpoint_sha256=ckpt_sha,
                 created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **pp)
@@ -368,10 +582,17 @@ def export_clip(
         report.metadata[prec] = md
         report.file_bytes[prec] = (d / "model.onnx").stat().st_size
 
-    write("fp32", out, {"n_crops": len(x), "crops": report.check_source,
-                        "max_abs_diff_torch": report.max_abs_diff_torch,
+    write("fp32", out, {"n_crops": len(x), "crops": report.check_source, "exporter": exporter,
+                        "fused": fused, "max_abs_diff_torch": report.max_abs_diff_torch,
                         "min_cosine_torch": report.min_cosine_torch})
-    for prec, enabled, fn in (("fp16", fp16, _fp16), ("int8", int8, _int8)):
+    calib = None
+    if calibration_crops is not None and len(calibration_crops):
+        calib = clip_preprocess(calibration_crops, pp["image_size"], pp["mean"], pp["std"], pp["interpolation"])
+    variants = (("fp16", fp16, _fp16), ("int8-dynamic", int8, _int8),
+                ("int8", int8 and calib is not None,
+                 lambda s, d: n_scales.append(_int8_calibrated(out / "int8-dynamic" / "model.onnx", d, calib))))
+    n_scales: list[int] = []
+    for prec, enabled, fn in variants:
         if not enabled:
             continue
         d = out / prec
@@ -386,8 +607,12 @@ def export_clip(
         c = _cos(ev, e32)
         stats = {"min": float(c.min()), "mean": float(c.mean())} if len(c) else {"min": 1.0, "mean": 1.0}
         report.cosine_vs_fp32[prec] = stats
-        write(prec, d, {"n_crops": len(x), "crops": report.check_source,
-                        "cosine_vs_fp32_min": stats["min"], "cosine_vs_fp32_mean": stats["mean"]})
+        checks = {"n_crops": len(x), "crops": report.check_source,
+                  "cosine_vs_fp32_min": stats["min"], "cosine_vs_fp32_mean": stats["mean"]}
+        if prec == "int8":
+            checks["n_calibration_crops"] = len(calib)
+            checks["n_activation_scales"] = n_scales[-1]
+        write(prec, d, checks)
     return report
 
 

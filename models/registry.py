@@ -33,7 +33,7 @@ def make_encoder(cfg: EncoderConfig, normalise: NormaliseConfig) -> Encoder:
         from stm_agent.models.clip_onnx import ClipOnnxEncoder
 
         return ClipOnnxEncoder(cfg.model_dir, threads=cfg.threads, batch_size=cfg.batch_size,
-                               expected_sha256=cfg.model_sha256)
+                               precision=cfg.precision, expected_sha256=cfg.model_sha256)
     raise ConfigError(f"encoder.name: {cfg.name!r} is not a single encoder; allowed: pixel, clip, zernike "
                       "('auto' is resolved per frame with agent.selection over make_encoders)")
 

@@ -124,7 +124,7 @@ def main() -> None:
         if not a.no_rss:  # first, while this process is small (see fresh_rss)
             if model_dir is None:
                 t = time.perf_counter()
-                subprocess.run([sys.executable, "-c", "import sys; from models.export import export_clip; "
+                subprocess.run([sys.executable, "-c", "import sys; from stm_agent.models.export import export_clip; "
                                 "export_clip('ViT-B-32', None, sys.argv[1])", td], cwd=REPO, check=True,
                                capture_output=True)
                 print(f"exported ViT-B-32 (random weights) in {time.perf_counter() - t:.0f} s")

@@ -1,17 +1,32 @@
-"""Benchmark the encoders on this machine: crops per second and peak RSS.
+"""Benchmark the encoders on this machine: crops per second, ratio to torch eager, peak RSS.
 
-    python scripts/bench_encoders.py [--n 128] [--size 64] [--threads 0]
+    python scripts/bench_encoders.py [--n 64] [--size 64] [--batch 32] [--threads 0] [--repeats 5]
+                                     [--precisions fp32 int8 int8-dynamic fp16] [--model-dir DIR]
+                                     [--batch-sweep 1 8 16 32 64] [--io-binding]
 
-Encoders: pixel (models/pixel.py), zernike, clip-onnx fp32/fp16/int8 (ViT-B-32 with RANDOM weights
-exported to a temporary folder: speed does not depend on the weight values) and open_clip torch
-eager with the same weights. Crops are real STM crops (../shared/data/labelled/crops) resized to
-``--size``. Prints one line per encoder and the ratios to the torch eager baseline.
+Encoders: pixel, zernike, clip-onnx at each ``--precisions`` entry and open_clip torch eager with
+the same weights (ViT-B-32 with RANDOM weights saved to a temporary checkpoint and exported from
+it, unless ``--model-dir`` names an export: speed does not depend on the weight values). Crops are
+real STM crops (../shared/data/labelled/crops) resized to ``--size``; the int8 variant is
+calibrated on object crops cut from the .sxm scans of ../shared/data/sxm (never the labelled crops).
+
+Fairness (issue 14): every encoder embeds the same crops, preprocessing included, with the same
+batch size and thread count (torch: ``torch.set_num_threads`` + ``torch.inference_mode()``;
+onnxruntime: intra-op threads, sequential execution, embedding cache off). The repeats are
+round-robin (repeat r runs every encoder once, in turn), so a load change on a shared machine hits
+all encoders alike; the figures are medians over repeats and the ratio is the median of the
+per-repeat ratios to torch eager. Peak RSS: VmHWM of a fresh process per encoder (only
+onnxruntime, or only torch + open_clip) loading the model and embedding one batch.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import os
+import platform
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,83 +35,181 @@ import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".." / "shared" / "data"
 
 
 def _crops(n: int, size: int) -> np.ndarray:
-    files = sorted(p for p in (REPO / ".." / "shared" / "data" / "labelled" / "crops").rglob("*")
-                   if p.suffix.lower() in (".jpg", ".png"))
+    files = sorted(p for p in (DATA / "labelled" / "crops").rglob("*") if p.suffix.lower() in (".jpg", ".png"))
     if not files:
         raise SystemExit("real crops missing: ../shared/data/labelled/crops")
     g = [cv2.resize(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), (size, size), interpolation=cv2.INTER_AREA) for f in files]
     return np.stack([g[i % len(g)] for i in range(n)])
 
 
-def _rate(fn, crops: np.ndarray, repeat: int = 2) -> float:
-    fn(crops[:4])  # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn(crops)
-        best = min(best, time.perf_counter() - t)
-    return len(crops) / best
+def cpu_summary() -> str:
+    """CPU model, logical CPUs and the SIMD flags that matter for fp32/int8 inference."""
+    model, flags = platform.processor() or "?", set()
+    try:
+        txt = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"model name\s*:\s*(.+)", txt)
+        model = m.group(1).strip() if m else model
+        m = re.search(r"flags\s*:\s*(.+)", txt)
+        flags = set(m.group(1).split()) if m else set()
+    except OSError:
+        pass
+    keep = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16"]
+    have = [f for f in keep if f in flags]
+    return f"{model}, {os.cpu_count()} logical CPUs, flags: {' '.join(have) or 'none of ' + ' '.join(keep)}"
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def load_avg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def _vm_hwm_mb(code: str) -> float:
+    """VmHWM (MB) of a fresh Python process running ``code`` (which must print its VmHWM in kB).
+
+    Not ru_maxrss of a child: Linux carries this (big, torch-loaded) parent's ru_maxrss into a child
+    across fork + exec; VmHWM belongs to the child's own address space.
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    if r.returncode:
+        return float("nan")
+    return float(r.stdout.split()[-1]) / 1024
+
+
+_HWM = "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=128)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=64, help="crops per repeat")
+    ap.add_argument("--size", type=int, default=64, help="crop side, px")
+    ap.add_argument("--batch", type=int, default=32, help="batch size of clip-onnx and torch eager")
+    ap.add_argument("--threads", type=int, default=0, help="threads of onnxruntime and torch; 0 = physical cores")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--precisions", nargs="*", default=["fp32", "int8", "int8-dynamic"])
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="an existing export (its fp32 weights are loaded into torch when the export "
+                         "names a local checkpoint; else random weights: speed only)")
+    ap.add_argument("--batch-sweep", type=int, nargs="*", default=[],
+                    help="also time the default precision at these batch sizes")
+    ap.add_argument("--io-binding", action="store_true", help="also time the default precision with I/O binding")
     a = ap.parse_args()
-    crops = _crops(a.n, a.size)
-    rates: dict[str, float] = {}
-    try:
-        from stm_agent.models.pixel import PixelEncoder
-        rates["pixel"] = _rate(PixelEncoder(a.size).embed, crops, 5)
-    except ImportError:
-        print("pixel: models/pixel.py not available")
-    from stm_agent.models.zernike import ZernikeEncoder
-    rates["zernike"] = _rate(ZernikeEncoder(a.size).embed, crops, 3)
-    rss0 = _rss_mb()
-    from stm_agent.models.clip_onnx import ClipOnnxEncoder
-    from stm_agent.models.export import export_clip, build_model, _torch_embed
+
+    from stm_agent.agent.cli_models import calibration_crops
+    from stm_agent.models.clip_onnx import CPU_DEFAULT_PRECISION, ClipOnnxEncoder, physical_cores
+    from stm_agent.models.export import _torch_embed, build_model, export_clip
+    from stm_agent.models.pixel import PixelEncoder
     from stm_agent.models.preprocess import clip_preprocess
+    from stm_agent.models.zernike import ZernikeEncoder
+
+    threads = a.threads or physical_cores()
+    crops = _crops(a.n, a.size)
+    print(f"CPU: {cpu_summary()}")
+    print(f"load average at start: {load_avg()}; threads {threads}; batch {a.batch}; {a.n} real crops "
+          f"of {a.size}x{a.size} px per repeat; {a.repeats} round-robin repeats")
+    import onnxruntime as ort
+    import torch
+
+    print(f"onnxruntime {ort.__version__}, torch {torch.__version__}")
+    torch.set_num_threads(threads)
+
     with tempfile.TemporaryDirectory() as td:
-        rep = export_clip("ViT-B-32", None, td, fp16=True, int8=True, check_crops=crops[:8])
-        print("export check:", {k: v for k, v in rep.to_json().items() if k not in ("model_dirs", "ids")})
-        rss_clip = {}
-        for prec, d in rep.model_dirs.items():
-            enc = ClipOnnxEncoder(d, threads=a.threads)
-            rates[f"clip-onnx-{prec}"] = _rate(enc.embed, crops)
-            rss_clip[prec] = _rss_mb()
-            del enc
-        import subprocess
-        import sys
-        code = ("import resource, numpy as np; from models.clip_onnx import ClipOnnxEncoder; "
-                f"e = ClipOnnxEncoder({str(rep.model_dirs['fp32'])!r}); "
-                f"e.embed(np.zeros((64, {a.size}, {a.size}), np.uint8)); "
-                "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
-        # VmHWM, not ru_maxrss: Linux carries this (big, torch-loaded) parent's ru_maxrss into the
-        # child across fork + exec; VmHWM belongs to the child's own address space.
-        # scripts/bench_cache_rss.py measures both from a small parent.
-        fresh = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                     cwd=REPO).stdout.split()[-1]) / 1024
-        print(f"peak RSS (VmHWM) of a fresh process (onnxruntime only) with ViT-B-32 fp32 loaded, 64 crops embedded: {fresh:.0f} MB")
-        import torch
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        model, _, _ = build_model("ViT-B-32", None)
-        rates["clip-torch-eager"] = _rate(lambda c: _torch_embed(model, clip_preprocess(c)), crops)
-    base = rates["clip-torch-eager"]
-    print(f"crops: {a.n} x {a.size}x{a.size} px (real STM crops), cores: {__import__('os').cpu_count()}")
-    for k, v in rates.items():
-        print(f"{k:18s} {v:10.1f} crops/s   x{v / base:8.2f} vs torch eager")
-    print(f"peak RSS: {rss0:.0f} MB before CLIP; after loading/running clip-onnx: "
-          + ", ".join(f"{k} {v:.0f} MB" for k, v in rss_clip.items())
-          + f"; after torch eager: {_rss_mb():.0f} MB (ru_maxrss is a high-water mark, export included)")
+        if a.model_dir is None:
+            model, _, _ = build_model("ViT-B-32", None)
+            ckpt = Path(td) / "vitb32_random.pt"
+            torch.save(model.state_dict(), ckpt)
+            calib = np.stack(calibration_crops(DATA / "sxm", per_scan=16, limit=128))
+            t = time.perf_counter()
+            rep = export_clip("ViT-B-32", ckpt, Path(td) / "clip", fp16="fp16" in a.precisions,
+                              int8=bool({"int8", "int8-dynamic"} & set(a.precisions)), check_crops=crops[:8], calibration_crops=calib)
+            print(f"export ({time.perf_counter() - t:.0f} s): fused {rep.fused}, max |onnx - torch| "
+                  f"{rep.max_abs_diff_torch:.2e}, cosine vs fp32 {rep.cosine_vs_fp32}")
+            model_dir = Path(td) / "clip"
+            del model
+        else:
+            model_dir = a.model_dir
+            ckpt = None
+        import gc
+
+        gc.collect()
+
+        fns: dict[str, object] = {
+            "pixel": PixelEncoder(a.size).embed,
+            "zernike": ZernikeEncoder(a.size).embed,
+        }
+        encs = {}
+        for prec in a.precisions:
+            try:
+                encs[prec] = ClipOnnxEncoder(model_dir, threads=threads, batch_size=a.batch, precision=prec, cache=False)
+            except Exception as e:  # a variant the given export lacks
+                print(f"clip-onnx-{prec}: not available ({e})")
+                continue
+            fns[f"clip-onnx-{prec}"] = encs[prec].embed
+        for b in a.batch_sweep:
+            fns[f"clip-onnx-{CPU_DEFAULT_PRECISION} b{b}"] = ClipOnnxEncoder(
+                model_dir, threads=threads, batch_size=b, precision=CPU_DEFAULT_PRECISION, cache=False).embed
+        if a.io_binding and CPU_DEFAULT_PRECISION in encs:
+            e = encs[CPU_DEFAULT_PRECISION]
+
+            def bound(c, e=e):
+                out = []
+                for i in range(0, len(c), a.batch):
+                    io = e.session.io_binding()
+                    io.bind_cpu_input(e._input, e.preprocess(c[i:i + a.batch]))
+                    io.bind_output(e._output)
+                    e.session.run_with_iobinding(io)
+                    out.append(io.copy_outputs_to_cpu()[0])
+                return np.concatenate(out)
+
+            fns[f"clip-onnx-{CPU_DEFAULT_PRECISION} iobinding"] = bound
+        model, _, _ = build_model("ViT-B-32", ckpt)
+        mm = ClipOnnxEncoder(model_dir, precision="fp32", cache=False).meta
+
+        def torch_eager(c):
+            return _torch_embed(model, clip_preprocess(c, mm.image_size, mm.mean, mm.std, mm.interpolation), a.batch)
+
+        fns["clip-torch-eager"] = torch_eager
+        for f in fns.values():  # warm-up (first-run allocations, lazy initialisation)
+            f(crops[:4])
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(a.repeats):
+            for k, f in fns.items():
+                t = time.perf_counter()
+                f(crops)
+                times[k].append(time.perf_counter() - t)
+        load_end = load_avg()
+
+        rss: dict[str, float] = {}
+        for prec, e in encs.items():
+            rss[f"clip-onnx-{prec}"] = _vm_hwm_mb(
+                "import numpy as np; from stm_agent.models.clip_onnx import ClipOnnxEncoder; "
+                f"e = ClipOnnxEncoder({str(e.model_dir)!r}, precision='as-is', threads={threads}, "
+                f"batch_size={a.batch}, cache=False); e.embed(np.zeros(({a.batch}, {a.size}, {a.size}), np.uint8)); "
+                + _HWM)
+        rss["clip-torch-eager"] = _vm_hwm_mb(
+            f"import torch, numpy as np; torch.set_num_threads({threads}); "
+            "from stm_agent.models.export import build_model, _torch_embed; "
+            "from stm_agent.models.preprocess import clip_preprocess; "
+            f"m, _, _ = build_model('ViT-B-32', {str(ckpt) if ckpt else None!r}); "
+            f"_torch_embed(m, clip_preprocess(np.zeros(({a.batch}, {a.size}, {a.size}), np.uint8)), {a.batch}); "
+            + _HWM)
+
+    base = np.array(times["clip-torch-eager"])
+    print(f"load average at end: {load_end}")
+    print(f"{'encoder':<28}{'crops/s':>10}{'min..max':>16}{'x torch eager':>15}{'peak RSS MB':>13}")
+    for k, v in times.items():
+        v = np.array(v)
+        rate = a.n / v
+        ratio = np.median(base / v)
+        r = f"{rss[k]:13.0f}" if k in rss else f"{'-':>13}"
+        print(f"{k:<28}{np.median(rate):10.1f}{f'{rate.min():.1f}..{rate.max():.1f}':>16}{ratio:15.2f}{r}")
+    print("x torch eager = median over repeats of (torch eager time / encoder time) in the same repeat; "
+          "peak RSS = VmHWM of a fresh process with only that runtime, model loaded, one batch embedded")
 
 
 if __name__ == "__main__":

@@ -29,15 +29,38 @@ def real_crops(labelled_dir) -> list[np.ndarray]:
     return [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in files]
 
 
-def test_tiny_export_all_precisions(tmp_path, real_crops):
-    rep = export_clip("tiny-test-export", None, tmp_path, fp16=True, int8=True, check_crops=real_crops,
-                      model_cfg=TINY_TEST_CONFIG)
+@pytest.fixture(scope="module")
+def sxm_crops(sxm_dir) -> np.ndarray:
+    """Calibration crops cut from the real .sxm scans by the agent's own detection (never labelled crops)."""
+    from stm_agent.agent.cli_models import calibration_crops
+
+    crops = calibration_crops(sxm_dir, per_scan=4, limit=24)
+    assert len(crops) == 24 and crops[0].dtype == np.uint8 and crops[0].shape == (64, 64)
+    assert len({c.tobytes() for c in crops}) == 24  # 24 different objects
+    return np.stack(crops)
+
+
+def test_tiny_export_all_precisions(tmp_path, real_crops, sxm_crops):
+    rep = export_clip("tiny-test-export", None, tmp_path, fp16=True, check_crops=real_crops,
+                      model_cfg=TINY_TEST_CONFIG, calibration_crops=sxm_crops)
     assert rep.check_source == "given" and rep.n_check_crops == len(real_crops)
+    # the rewritten attention is the same function: the fused graph equals torch (unmodified model)
     assert rep.max_abs_diff_torch < 1e-4 and rep.min_cosine_torch > 0.9999
+    assert rep.fused["Attention"] == 2 and rep.fused["SkipLayerNormalization"] == 4  # 2 layers
+    assert set(rep.model_dirs) == {"fp32", "fp16", "int8-dynamic", "int8"}  # int8 is on by default
     assert rep.cosine_vs_fp32["fp16"]["min"] > 0.999
-    assert rep.cosine_vs_fp32["int8"]["min"] > 0.95
-    assert rep.file_bytes["fp16"] < rep.file_bytes["fp32"] and rep.file_bytes["int8"] < rep.file_bytes["fp32"]
+    for prec in ("int8", "int8-dynamic"):
+        assert 0.99 < rep.cosine_vs_fp32[prec]["min"] < 1.0  # close, yet really quantised
+    checks = rep.metadata["int8"].checks
+    assert checks["n_calibration_crops"] == 24 and checks["n_activation_scales"] == 2 * 4 + 1  # 4 per layer + proj
+    assert max(rep.file_bytes[p] for p in ("fp16", "int8", "int8-dynamic")) < rep.file_bytes["fp32"]
     m = onnx.load(str(tmp_path / "model.onnx"))
+    assert sum(n.op_type == "Attention" for n in m.graph.node) == 2
+    for prec in ("int8", "int8-dynamic"):
+        q = [n.op_type for n in onnx.load(str(tmp_path / prec / "model.onnx")).graph.node]
+        assert q.count("QAttention") == 2 and "ConvInteger" not in q  # the patch conv stays float
+        # calibrated: every activation scale is a constant; dynamic: computed per batch
+        assert ("DynamicQuantizeLinear" in q) == (prec == "int8-dynamic")
     assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 17
     dim0 = m.graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param and not dim0.dim_value  # dynamic batch axis
@@ -45,17 +68,29 @@ def test_tiny_export_all_precisions(tmp_path, real_crops):
     assert meta["onnx_sha256"] == sha256_file(tmp_path / "model.onnx")
     assert meta["image_size"] == 64 and meta["embed_dim"] == 32 and meta["pretrained"] == "none"
     assert meta["interpolation"] == "bicubic" and meta["torch_version"] and meta["open_clip_version"]
-    for prec in ("fp16", "int8"):
+    for prec in ("fp16", "int8", "int8-dynamic"):
         enc = ClipOnnxEncoder(tmp_path / prec)
         assert enc.meta.precision == prec and enc.id.endswith(f"/{prec}")
+        assert enc.id == rep.to_json()["ids"][prec]
     with pytest.raises(ModelError, match="already holds"):
         export_clip("tiny-test-export", None, tmp_path, model_cfg=TINY_TEST_CONFIG)
 
 
+def test_dynamo_exporter_still_works(tmp_path, real_crops):
+    """exporter="dynamo" (the earlier path: opset 18, no fusion) stays selectable."""
+    rep = export_clip("tiny-test-dynamo", None, tmp_path, int8=False, check_crops=real_crops[:4],
+                      model_cfg=TINY_TEST_CONFIG, exporter="dynamo")
+    assert rep.fused == {} and rep.max_abs_diff_torch < 1e-4
+    assert rep.metadata["fp32"].opset == 18 and rep.metadata["fp32"].checks["exporter"] == "dynamo"
+    with pytest.raises(ModelError, match="unknown exporter"):
+        export_clip("tiny-test-dynamo", None, tmp_path / "x", model_cfg=TINY_TEST_CONFIG, exporter="jit")
+
+
 def test_vit_b32_random_weights(tmp_path, real_crops):
-    """The real architecture (ViT-B/32, 512-d) exports and matches torch on real crops."""
-    rep = export_clip("ViT-B-32", "none", tmp_path, check_crops=real_crops[:3])
+    """The real architecture (ViT-B/32, 512-d) exports, fuses and matches torch on real crops."""
+    rep = export_clip("ViT-B-32", "none", tmp_path, int8=False, check_crops=real_crops[:3])
     assert rep.max_abs_diff_torch < 1e-3 and rep.min_cosine_torch > 0.9999
+    assert rep.fused["Attention"] == 12 and rep.fused["SkipLayerNormalization"] == 24
     enc = ClipOnnxEncoder(tmp_path)
     crops = np.stack([cv2.resize(c, (64, 64)) for c in real_crops[:3]])
     e = enc.embed(crops)
