@@ -93,8 +93,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--precisions", nargs="*", default=["fp32", "int8", "int8-dynamic"])
     ap.add_argument("--model-dir", type=Path, default=None,
-                    help="an existing export (its fp32 weights are loaded into torch when the export "
-                         "names a local checkpoint; else random weights: speed only)")
+                    help="an existing export (torch eager gets --checkpoint, else random weights: speed only)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="with --model-dir: the checkpoint it was exported from, loaded into torch eager")
     ap.add_argument("--batch-sweep", type=int, nargs="*", default=[],
                     help="also time the default precision at these batch sizes")
     ap.add_argument("--io-binding", action="store_true", help="also time the default precision with I/O binding")
@@ -133,7 +134,7 @@ def main() -> None:
             del model
         else:
             model_dir = a.model_dir
-            ckpt = None
+            ckpt = a.checkpoint
         import gc
 
         gc.collect()
@@ -177,11 +178,14 @@ def main() -> None:
         for f in fns.values():  # warm-up (first-run allocations, lazy initialisation)
             f(crops[:4])
         times: dict[str, list[float]] = {k: [] for k in fns}
+        cpu: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(a.repeats):
             for k, f in fns.items():
+                c = time.process_time()
                 t = time.perf_counter()
                 f(crops)
                 times[k].append(time.perf_counter() - t)
+                cpu[k].append(time.process_time() - c)
         load_end = load_avg()
 
         rss: dict[str, float] = {}
@@ -201,15 +205,20 @@ def main() -> None:
 
     base = np.array(times["clip-torch-eager"])
     print(f"load average at end: {load_end}")
-    print(f"{'encoder':<28}{'crops/s':>10}{'min..max':>16}{'x torch eager':>15}{'peak RSS MB':>13}")
+    print(f"{'encoder':<28}{'crops/s':>10}{'min..max':>16}{'x torch eager':>15}{'peak RSS MB':>13}"
+          f"{'crops/CPU-s':>13}{'x torch (CPU)':>15}")
+    cbase = np.array(cpu["clip-torch-eager"])
     for k, v in times.items():
         v = np.array(v)
         rate = a.n / v
         ratio = np.median(base / v)
         r = f"{rss[k]:13.0f}" if k in rss else f"{'-':>13}"
-        print(f"{k:<28}{np.median(rate):10.1f}{f'{rate.min():.1f}..{rate.max():.1f}':>16}{ratio:15.2f}{r}")
+        cr = a.n / np.median(cpu[k])
+        print(f"{k:<28}{np.median(rate):10.1f}{f'{rate.min():.1f}..{rate.max():.1f}':>16}{ratio:15.2f}{r}"
+              f"{cr:13.1f}{np.median(cbase / np.array(cpu[k])):15.2f}")
     print("x torch eager = median over repeats of (torch eager time / encoder time) in the same repeat; "
-          "peak RSS = VmHWM of a fresh process with only that runtime, model loaded, one batch embedded")
+          "peak RSS = VmHWM of a fresh process with only that runtime, model loaded, one batch embedded; "
+          "crops/CPU-s and x torch (CPU) = the same from process CPU time (all threads, spin-waits included)")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ Run this on every real export (``stm-agent models export --pretrained openai --o
 --calibrate-sxm SCANS``) before trusting its int8 model: random weights quantise benignly, so the
 figures of a random-weight export (docs/encoders.md) cannot prove that real recognition is unchanged.
 
-What it does, with the labelled crops of ``../shared/data/labelled/crops`` (never used for the int8
-calibration, which comes from .sxm scans):
+What it does, with the labelled crop sets ``../shared/data/labelled/crops/{FHPB,Monoradical}``
+(never used for the int8 calibration, which comes from .sxm scans):
 
 - cosine between each crop's fp32 and ``--precision`` embedding (normalised crops, as queries);
 - recognition only (:func:`agent.evaluation.evaluate`, mode ``recognition``, K = 1 reference per
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", type=Path, default=None, help="export root (holds fp32 and the variants)")
     ap.add_argument("--precision", default="int8", help="variant compared to fp32 (int8, int8-dynamic, fp16)")
-    ap.add_argument("--crops", type=Path, default=DATA / "labelled" / "crops")
+    ap.add_argument("--crops", type=Path, nargs="*",
+                    default=[DATA / "labelled" / "crops" / "FHPB", DATA / "labelled" / "crops" / "Monoradical"])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--tolerance", type=float, default=0.01)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from stm_agent.adapters.labelled import load_labelled
     from stm_agent.agent.config import AgentConfig
-    from stm_agent.agent.evaluation import EvalSettings, evaluate, metrics, predict
+    from stm_agent.agent.evaluation import EvalSettings, Evaluator, evaluate, metrics, predict
     from stm_agent.models.clip_onnx import ClipOnnxEncoder
 
     with tempfile.TemporaryDirectory() as td:
@@ -58,42 +59,41 @@ def main(argv: list[str] | None = None) -> int:
             rep = export_clip("ViT-B-32", None, root, calibration_crops=calib)
             print(f"exported random-weight ViT-B-32 (calibration: {len(calib)} crops from .sxm scans); "
                   f"export check cosine vs fp32 {rep.cosine_vs_fp32}")
-        lset = load_labelled(a.crops)
-        results = {}
-        for prec in ("fp32", a.precision):
-            cfg = AgentConfig()
-            cfg.encoder.name = "clip"
-            cfg.encoder.model_dir = root
-            cfg.encoder.precision = prec
-            cfg.match.threshold = a.threshold
-            st = EvalSettings(mode="recognition", entries=["clip"], seeds=list(range(a.seeds)), threshold=a.threshold)
-            report, scored = evaluate(lset, cfg, st)
-            results[prec] = (report["results"]["clip"]["summary"], scored["clip"])
         enc32 = ClipOnnxEncoder(root, precision="fp32", cache=False)
         encq = ClipOnnxEncoder(root, precision=a.precision, cache=False)
-        from stm_agent.agent.evaluation import Evaluator
-
-        grey = Evaluator(lset, AgentConfig(), EvalSettings(mode="recognition"))._crops_grey()
-    cos = (enc32.embed(grey) * encq.embed(grey)).sum(axis=1)
-    print(f"set {lset.name}: {lset.n_objects} crops, classes {lset.classes}; model {enc32.meta.arch} "
-          f"pretrained={enc32.meta.pretrained}; {a.precision} id {encq.id}")
-    print(f"cosine {a.precision} vs fp32 over {len(cos)} crops: min {cos.min():.5f}, 1st percentile "
-          f"{np.percentile(cos, 1):.5f}, mean {cos.mean():.5f}")
-    worst = 0.0
-    for label, thr in ((f"threshold {a.threshold}", a.threshold), ("arg-max (no threshold)", -2.0)):
-        row = {}
-        for prec, (_, sc) in results.items():
-            mi = np.mean([metrics(s.confusion(thr), s.classes)["micro"]["f1"] for s in sc])
-            ma = np.mean([metrics(s.confusion(thr), s.classes)["macro"]["f1"] for s in sc])
-            row[prec] = (mi, ma)
-        same = np.mean(np.concatenate([predict(s.scores, s.missed, thr) == predict(q.scores, q.missed, thr)
-                                       for s, q in zip(results["fp32"][1], results[a.precision][1])]))
-        d_mi = row[a.precision][0] - row["fp32"][0]
-        d_ma = row[a.precision][1] - row["fp32"][1]
-        worst = max(worst, abs(d_mi), abs(d_ma))
-        print(f"{label:<24} micro F1 fp32 {row['fp32'][0]:.4f} {a.precision} {row[a.precision][0]:.4f} "
-              f"(diff {d_mi:+.4f}); macro F1 fp32 {row['fp32'][1]:.4f} {a.precision} {row[a.precision][1]:.4f} "
-              f"(diff {d_ma:+.4f}); same species for {100 * same:.1f} % of the objects ({a.seeds} reference draws)")
+        print(f"model {enc32.meta.arch} pretrained={enc32.meta.pretrained}; {a.precision} id {encq.id}")
+        worst = 0.0
+        for folder in a.crops:
+            lset = load_labelled(folder)
+            results = {}
+            for prec in ("fp32", a.precision):
+                cfg = AgentConfig()
+                cfg.encoder.name = "clip"
+                cfg.encoder.model_dir = root
+                cfg.encoder.precision = prec
+                cfg.match.threshold = a.threshold
+                st = EvalSettings(mode="recognition", entries=["clip"], seeds=list(range(a.seeds)),
+                                  threshold=a.threshold)
+                _, scored = evaluate(lset, cfg, st)
+                results[prec] = scored["clip"]
+            grey = Evaluator(lset, AgentConfig(), EvalSettings(mode="recognition"))._crops_grey()
+            cos = (enc32.embed(grey) * encq.embed(grey)).sum(axis=1)
+            print(f"set {lset.name}: {lset.n_objects} crops, classes {lset.classes}")
+            print(f"  cosine {a.precision} vs fp32: min {cos.min():.5f}, 1st percentile {np.percentile(cos, 1):.5f}, "
+                  f"mean {cos.mean():.5f}")
+            for label, thr in ((f"threshold {a.threshold}", a.threshold), ("arg-max (no threshold)", -2.0)):
+                row = {}
+                for prec, sc in results.items():
+                    row[prec] = (np.mean([metrics(s.confusion(thr), s.classes)["micro"]["f1"] for s in sc]),
+                                 np.mean([metrics(s.confusion(thr), s.classes)["macro"]["f1"] for s in sc]))
+                same = np.mean(np.concatenate([predict(s.scores, s.missed, thr) == predict(q.scores, q.missed, thr)
+                                               for s, q in zip(results["fp32"], results[a.precision])]))
+                d_mi = row[a.precision][0] - row["fp32"][0]
+                d_ma = row[a.precision][1] - row["fp32"][1]
+                worst = max(worst, abs(d_mi), abs(d_ma))
+                print(f"  {label:<24} micro F1 fp32 {row['fp32'][0]:.4f} {a.precision} {row[a.precision][0]:.4f} "
+                      f"({d_mi:+.4f}); macro F1 fp32 {row['fp32'][1]:.4f} {a.precision} {row[a.precision][1]:.4f} "
+                      f"({d_ma:+.4f}); same species: {100 * same:.1f} % of objects x {a.seeds} draws")
     ok = worst <= a.tolerance
     print(f"largest |F1 difference| {worst:.4f}: {'within' if ok else 'BEYOND'} {a.tolerance}")
     return 0 if ok else 1
