@@ -19,7 +19,6 @@ un-mirrored (the convention of :mod:`agent.domain`). The agent does not flip any
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -44,7 +43,6 @@ __all__ = [
     "encode_array_message",
     "encode_sxm_message",
     "encode_saved_message",
-    "sha256_hex",
 ]
 
 #: The topics of the controller feed.
@@ -399,8 +397,3 @@ def encode_saved_message(path: str | Path) -> list[bytes]:
     p = str(path)
     topic, body = encode("scan.saved", {"path": p, "name": Path(p).name})
     return [topic, body]
-
-
-def sha256_hex(data: bytes) -> str:
-    """sha256 (hex) of ``data``: the frame_id of a ``scan.sxm`` / ``scan.array`` payload."""
-    return hashlib.sha256(data).hexdigest()

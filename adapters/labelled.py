@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from stm_agent.adapters.images import IMAGE_SUFFIXES
 from stm_agent.agent.domain import Scan
 from stm_agent.agent.errors import ImageFormatError
 
@@ -84,7 +85,6 @@ def load_coco(folder: str | Path) -> tuple[list[LabelledImage], list[str]]:
     return out, [cats[k] for k in sorted(cats)]
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -38,7 +38,8 @@ from typing import Any, Callable
 
 import zmq
 
-from stm_agent.adapters.zmq_io import SCHEMA, _jsonable
+from stm_agent.adapters.zmq_io import SCHEMA
+from stm_agent.agent.jsonsafe import jsonable
 from stm_agent.agent.errors import PublishError
 
 __all__ = ["QueryServer", "query", "store_handler", "since_body", "GapFiller", "Handler", "MAX_REQUEST_BYTES"]
@@ -154,7 +155,7 @@ class QueryServer:
                         continue
                     frames = sock.recv_multipart()
                     reply = self._answer(frames)
-                    sock.send(json.dumps(_jsonable(reply), allow_nan=False, separators=(",", ":")).encode("utf-8"))
+                    sock.send(json.dumps(jsonable(reply), allow_nan=False, separators=(",", ":")).encode("utf-8"))
                     self.answered += 1
                 except zmq.ZMQError as exc:  # e.g. context terminated
                     if self._stop.is_set() or exc.errno == zmq.ETERM:

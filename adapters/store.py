@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import sqlite3
 import threading
@@ -73,6 +72,7 @@ from typing import Any
 
 from stm_agent.agent.domain import FrameResult
 from stm_agent.agent.errors import StoreError
+from stm_agent.agent.jsonsafe import jsonable
 
 __all__ = ["ResultStore", "StoreLock", "SCHEMA_VERSION", "SINCE_LIMIT"]
 
@@ -140,19 +140,8 @@ def _iso(t: datetime | None) -> str | None:
     return t.astimezone(timezone.utc).isoformat()
 
 
-def _finite(obj: Any) -> Any:
-    """Replace non-finite floats by None so the JSON stays standard (RFC 8259 has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def _dumps(obj: Any) -> str:
-    return json.dumps(_finite(obj), allow_nan=False, default=str)
+    return json.dumps(jsonable(obj), allow_nan=False, default=str)
 
 
 class StoreLock:
@@ -636,7 +625,7 @@ class ResultStore:
         cur = self._exec(
             "INSERT INTO trigger_firings (rule, frame_id, fired_at, observed, event, results) VALUES (?, ?, ?, ?, ?, ?)",
             (event["rule"], event.get("frame_id"), event.get("fired_at") or _iso(datetime.now(timezone.utc)),
-             _finite(event.get("observed")), _dumps(event), _dumps([None] * n)))
+             jsonable(event.get("observed")), _dumps(event), _dumps([None] * n)))
         return int(cur.lastrowid)
 
     def set_action_result(self, firing_id: int, index: int, result: dict[str, Any]) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import threading
 import time
 from typing import Any, Callable, Iterable
@@ -33,29 +32,13 @@ from typing import Any, Callable, Iterable
 import zmq
 
 from stm_agent.agent.errors import PublishError
+from stm_agent.agent.jsonsafe import jsonable
 
 __all__ = ["Publisher", "Subscriber", "SCHEMA", "encode", "decode"]
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-
-
-def _jsonable(obj: Any) -> Any:
-    """Recursively convert to standard JSON types: numpy scalars/arrays, tuples, non-finite -> None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "tolist"):  # numpy scalar or array
-        return _jsonable(obj.tolist())
-    if hasattr(obj, "isoformat"):  # datetime
-        return obj.isoformat()
-    return str(obj)
 
 
 def encode(topic: str, message: dict[str, Any]) -> list[bytes]:
@@ -70,7 +53,7 @@ def encode(topic: str, message: dict[str, Any]) -> list[bytes]:
         raise PublishError(repr(topic), "a topic must be non-empty text")
     if not isinstance(message, dict):
         raise PublishError(topic, f"a message must be a dict, got {type(message).__name__}")
-    body = json.dumps(_jsonable(message), allow_nan=False, separators=(",", ":"))
+    body = json.dumps(jsonable(message), allow_nan=False, separators=(",", ":"))
     return [topic.encode("utf-8"), body.encode("utf-8")]
 
 

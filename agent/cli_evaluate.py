@@ -79,7 +79,8 @@ def evaluate(
     from stm_agent.adapters.labelled import load_labelled
     from stm_agent.adapters.plots import plot_confusion, plot_sweep
     from stm_agent.agent.config import load_config
-    from stm_agent.agent.evaluation import EvalSettings, evaluate as run_eval, is_finite_json, object_rows
+    from stm_agent.agent.evaluation import EvalSettings, evaluate as run_eval, object_rows
+    from stm_agent.agent.jsonsafe import jsonable
 
     try:
         over = _overrides(set_)
@@ -145,7 +146,7 @@ def evaluate(
             cm.add_row(esc(lab), *map(str, row))
         console.print(cm)
     js = out / f"{stem}.json"
-    js.write_text(json.dumps(is_finite_json(report), indent=1, default=str), encoding="utf-8")
+    js.write_text(json.dumps(jsonable(report), indent=1, default=str), encoding="utf-8")
     console.print(f"wrote {esc(js)}, {esc(sweep_png.name)} and {len(report['results'])} confusion PNG(s) in {esc(out)}",
                   soft_wrap=True)
     if csv_out:

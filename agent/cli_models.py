@@ -35,7 +35,6 @@ def missing_export_modules() -> list[str]:
 def _models() -> None:
     """Encoder models: export open_clip to ONNX for the runtime."""
 
-_IMAGE_EXT = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
 def load_check_crops(folder: Path, limit: int = 64) -> list[np.ndarray]:
@@ -48,7 +47,9 @@ def load_check_crops(folder: Path, limit: int = 64) -> list[np.ndarray]:
     """
     import cv2
 
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in _IMAGE_EXT)[:limit]
+    from stm_agent.adapters.images import IMAGE_SUFFIXES
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     crops = [c for c in (cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in files) if c is not None]
     if not crops:
         raise typer.BadParameter(f"{folder}: no readable image (png/jpg/tif) to check the export with")

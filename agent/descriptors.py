@@ -161,13 +161,14 @@ def describe_objects(
     return Descriptors(area, feret, height, sign, "pm" if z_unit == "m" else "sigma")
 
 
-class RobustScaler:
+class MedianMadScaler:
     """Standardise descriptor matrices: ``(X - median) / (1.4826 MAD)`` per column.
 
-    Fit on the references (or on a frame). Columns with zero spread get scale 1.
+    Fit on the references (or on a frame). Columns with zero spread get scale 1. (Not
+    scikit-learn's ``RobustScaler``, which divides by the interquartile range.)
     """
 
-    def fit(self, x: np.ndarray) -> "RobustScaler":
+    def fit(self, x: np.ndarray) -> "MedianMadScaler":
         """Fit on float ``(N, K)``; returns self. Raises ``ValueError`` for an empty matrix."""
         a = np.asarray(x, dtype=np.float64)
         if a.ndim != 2 or len(a) == 0:
@@ -190,7 +191,7 @@ def combine(embedding: np.ndarray, descriptors_std: np.ndarray, weight: float) -
     embedding : np.ndarray
         float ``(N, D)`` (L2-normalised here again).
     descriptors_std : np.ndarray
-        float ``(N, K)`` standardised descriptors (:class:`RobustScaler`).
+        float ``(N, K)`` standardised descriptors (:class:`MedianMadScaler`).
     weight : float
         0..1, weight ``w`` of the descriptors in the cosine similarity.
 
@@ -305,8 +306,8 @@ def descriptors_from_records(records: list[dict]) -> Descriptors:
                        units.pop() if units else "pm")
 
 
-def fit_reference_scaler(x: np.ndarray, species_idx: np.ndarray) -> RobustScaler:
-    """A :class:`RobustScaler` fitted on the references, balanced over species, with floors.
+def fit_reference_scaler(x: np.ndarray, species_idx: np.ndarray) -> MedianMadScaler:
+    """A :class:`MedianMadScaler` fitted on the references, balanced over species, with floors.
 
     Each species is first reduced to the median of its references, so a species with many
     references does not pull the centre. Centre = median of the species medians; scale =
@@ -325,7 +326,7 @@ def fit_reference_scaler(x: np.ndarray, species_idx: np.ndarray) -> RobustScaler
 
     Returns
     -------
-    RobustScaler
+    MedianMadScaler
         With ``center_`` and ``scale_`` float64 ``(4,)``.
 
     Raises
@@ -338,7 +339,7 @@ def fit_reference_scaler(x: np.ndarray, species_idx: np.ndarray) -> RobustScaler
     if a.ndim != 2 or len(a) == 0 or len(s) != len(a):
         raise ValueError(f"need (R, K) descriptors and R species indices, got {a.shape}, {s.shape}")
     med = np.stack([np.median(a[s == k], axis=0) for k in np.unique(s)])  # (K_species, F)
-    sc = RobustScaler().fit(med)
+    sc = MedianMadScaler().fit(med)
     floor = np.array([m if m is not None else HEIGHT_MIN_REL * max(float(np.median(np.abs(a[:, 2]))), 1e-12)
                       for m in MIN_SCALE])
     spread = 1.4826 * np.median(np.abs(med - sc.center_), axis=0)

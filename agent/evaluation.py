@@ -38,7 +38,6 @@ few boxes would mostly fall back). ``EvalSettings.threshold_mode = "gmm"`` makes
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -857,14 +856,3 @@ def object_rows(lset_name: str, entry: str, scored: list[Scored], seeds: list[in
                          "similarity": None if sc.missed[n] or not k else round(float(sc.scores[n, best]), 5),
                          "best_species": None if sc.missed[n] or not k else sc.classes[best]})
     return rows
-
-
-def is_finite_json(x: Any) -> Any:
-    """Replace NaN/inf by None recursively (strict JSON)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: is_finite_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [is_finite_json(v) for v in x]
-    return x

@@ -101,3 +101,17 @@ def flatten(frame: np.ndarray, plane: bool = True, rows: RowMode = "median") -> 
     elif fin.any():
         out = out - np.median(out[fin])
     return out.astype(np.float32)
+
+
+def fill_nan(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Replace NaN pixels by the median of the finite pixels.
+
+    Returns ``(filled float32 (ny, nx), valid bool (ny, nx))``. An all-NaN image becomes zeros.
+    The one NaN fill of the pipeline (segmentation, detection, crops, reference picking): not-acquired
+    lines of a partial scan must not reach OpenCV, which has no NaN.
+    """
+    valid = np.isfinite(image)
+    if valid.all():
+        return np.asarray(image, dtype=np.float32), valid
+    fill = float(np.median(image[valid])) if valid.any() else 0.0
+    return np.where(valid, image, fill).astype(np.float32), valid

@@ -15,6 +15,7 @@ import numpy as np
 
 from stm_agent.agent.config import NormaliseConfig
 from stm_agent.agent.errors import ScanGeometryError
+from stm_agent.agent.flatten import fill_nan
 
 #: Largest crop window side, pixels, cut from a frame before it is resampled to ``size_px``. A
 #: larger window means a pixel size far below what the reference window was made for (e.g. a
@@ -78,10 +79,7 @@ def crop_windows(
     cen = np.asarray(centres_px, dtype=np.float64).reshape(-1, 2)
     if not np.isfinite(cen).all():
         raise ScanGeometryError("crop window", "an object centre is not a finite pixel position")
-    img = np.asarray(image, dtype=np.float32)
-    finite = np.isfinite(img)
-    if not finite.all():
-        img = np.where(finite, img, np.median(img[finite]) if finite.any() else 0.0).astype(np.float32)
+    img, _ = fill_nan(np.asarray(image, dtype=np.float32))
     wx, wy = max(2, int(round(window_nm / dx))), max(2, int(round(window_nm / dy)))
     out = np.empty((len(cen), size_px, size_px), dtype=np.float32)
     for i, (cx, cy) in enumerate(cen):

@@ -22,7 +22,7 @@ from stm_agent.agent.detect import DetectionReport, detect_objects
 from stm_agent.agent.descriptors import descriptor_record, describe_regions, z_unit_of
 from stm_agent.agent.domain import OTHER, Detection, FrameResult, Scan
 from stm_agent.agent.errors import EmptyScanError, NoObjectError, ReferenceLibraryError
-from stm_agent.agent.flatten import flatten
+from stm_agent.agent.flatten import fill_nan, flatten
 from stm_agent.agent.match import AdaptiveThreshold, RefEmbeddings, assign, gmm_threshold, species_scores
 from stm_agent.agent.normalise import frame_range, normalise_crops
 from stm_agent.agent.segment import Region
@@ -156,8 +156,7 @@ def reference_crop_at(
                 f"(object size {reg.extent_nm:.2f} nm)"
             )
     side_nm = 2.0 * reg.extent_nm
-    finite = np.isfinite(image)
-    filled = np.where(finite, image, np.median(image[finite])).astype(np.float32)
+    filled, _ = fill_nan(np.asarray(image, dtype=np.float32))
     w, h = max(4, int(round(side_nm / dx))), max(4, int(round(side_nm / dy)))
     crop = cv2.getRectSubPix(filled, (w, h), reg.centroid_px)
     cx_nm, cy_nm = scan.px_to_nm(*reg.centroid_px)

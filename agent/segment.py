@@ -19,6 +19,7 @@ import numpy as np
 from skimage.filters import threshold_otsu
 
 from stm_agent.agent.config import SegmentConfig
+from stm_agent.agent.flatten import fill_nan
 
 #: Connected regions smaller than this many pixels are noise specks: they never count as objects
 #: and do not enter the automatic size-window statistics.
@@ -67,16 +68,6 @@ class Region:
     def contains(self, x_px: float, y_px: float) -> bool:
         """True if the point ``(x, y)`` (pixels) lies inside or on the region's outer contour."""
         return cv2.pointPolygonTest(self.contour.reshape(-1, 1, 2), (float(x_px), float(y_px)), False) >= 0
-
-
-def fill_nan(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Replace NaN pixels by the median of the finite pixels.
-
-    Returns ``(filled float32 (ny, nx), valid bool (ny, nx))``. An all-NaN image becomes zeros.
-    """
-    valid = np.isfinite(image)
-    fill = float(np.median(image[valid])) if valid.any() else 0.0
-    return np.where(valid, image, fill).astype(np.float32), valid
 
 
 def threshold_mask(image: np.ndarray, cfg: SegmentConfig) -> tuple[np.ndarray, np.ndarray, float]:

@@ -19,7 +19,7 @@ import numpy as np
 from stm_agent.agent.errors import ModelError
 from stm_agent.models.base import l2_normalise
 from stm_agent.models.cache import EmbeddingCache, crop_digest, default_cache
-from stm_agent.models.metadata import ModelMetadata, sha256_file
+from stm_agent.models.metadata import ModelMetadata, model_file_sha256
 from stm_agent.models.preprocess import clip_preprocess
 
 
@@ -285,7 +285,7 @@ class ClipOnnxEncoder:
         onnx_path = model_dir / self.meta.onnx_file
         if not onnx_path.is_file():
             raise ModelError(onnx_path, "ONNX file named in model.json is missing")
-        digest = sha256_file(onnx_path)
+        digest = model_file_sha256(onnx_path)
         if digest != self.meta.onnx_sha256:
             raise ModelError(
                 onnx_path,

@@ -40,7 +40,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from stm_agent.agent.errors import ModelError
-from stm_agent.models.metadata import ModelMetadata, sha256_file
+from stm_agent.models.metadata import ModelMetadata, model_file_sha256
 
 OPSET = 17  # >= 17 (LayerNormalization); TorchScript exporter (its graph is what the fusions expect)
 OPSET_DYNAMO = 18  # the torch dynamo exporter's native opset (exporter="dynamo")
@@ -173,7 +173,7 @@ def build_model(arch: str, pretrained: str | Path | None, model_cfg: dict | None
         label, arg = "none", None
     elif Path(pretrained).is_file():
         label, arg = f"file:{Path(pretrained).name}", str(pretrained)
-        ckpt_sha = sha256_file(pretrained)
+        ckpt_sha = model_file_sha256(pretrained)
     else:
         tag = str(pretrained)
         if Path(tag).suffix in (".pt", ".bin", ".pth", ".safetensors") or "/" in tag:
@@ -576,7 +576,7 @@ def export_clip(
                 created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **pp)
 
     def write(prec: str, d: Path, checks: dict) -> None:
-        md = ModelMetadata(onnx_sha256=sha256_file(d / "model.onnx"), precision=prec, checks=checks, **base)
+        md = ModelMetadata(onnx_sha256=model_file_sha256(d / "model.onnx"), precision=prec, checks=checks, **base)
         md.write(d)
         report.model_dirs[prec] = d
         report.metadata[prec] = md

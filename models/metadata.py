@@ -21,22 +21,19 @@ METADATA_FILE = "model.json"
 SCHEMA = 1
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 (hex) of a file's bytes, read in 1 MiB chunks.
+def model_file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a model or checkpoint file (``hashlib.file_digest``: streamed, not read whole).
 
     Raises
     ------
     ModelError
         The file cannot be read.
     """
-    h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
+            return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
         raise ModelError(path, f"cannot read the model file: {e.strerror or e}") from None
-    return h.hexdigest()
 
 
 @dataclass

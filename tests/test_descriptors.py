@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from stm_agent.agent.descriptors import RobustScaler, combine, describe_objects
+from stm_agent.agent.descriptors import MedianMadScaler, combine, describe_objects
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_combination_weights_cosine(wse2):
     e = rng.normal(size=(6, 8))
     e /= np.linalg.norm(e, axis=1, keepdims=True)
     feats = np.column_stack([np.log(x[:6, 0]), np.log(x[:6, 1]), np.abs(x[:6, 2]), x[:6, 3]])
-    d = RobustScaler().fit(np.column_stack([np.log(x[:, 0]), np.log(x[:, 1]), np.abs(x[:, 2]), x[:, 3]])).transform(feats)
+    d = MedianMadScaler().fit(np.column_stack([np.log(x[:, 0]), np.log(x[:, 1]), np.abs(x[:, 2]), x[:, 3]])).transform(feats)
     dn = d / np.linalg.norm(d, axis=1, keepdims=True)
     z = combine(e, d, 0.3)
     assert z.shape == (6, 12) and np.allclose(np.linalg.norm(z, axis=1), 1, atol=1e-5)

@@ -19,7 +19,7 @@ from stm_agent.agent.cli_models import models_app
 from stm_agent.agent.errors import ModelError
 from stm_agent.models.clip_onnx import ClipOnnxEncoder
 from stm_agent.models.export import TINY_TEST_CONFIG, export_clip
-from stm_agent.models.metadata import sha256_file
+from stm_agent.models.metadata import model_file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_tiny_export_all_precisions(tmp_path, real_crops, sxm_crops):
     dim0 = m.graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param and not dim0.dim_value  # dynamic batch axis
     meta = json.loads((tmp_path / "model.json").read_text())
-    assert meta["onnx_sha256"] == sha256_file(tmp_path / "model.onnx")
+    assert meta["onnx_sha256"] == model_file_sha256(tmp_path / "model.onnx")
     assert meta["image_size"] == 64 and meta["embed_dim"] == 32 and meta["pretrained"] == "none"
     assert meta["interpolation"] == "bicubic" and meta["torch_version"] and meta["open_clip_version"]
     for prec in ("fp16", "int8", "int8-dynamic"):
@@ -119,7 +119,7 @@ def test_local_checkpoint_path(tmp_path):
     torch.save(model.state_dict(), ckpt)
     rep = export_clip("tiny-test-ckpt", ckpt, tmp_path / "out")
     meta = rep.metadata["fp32"]
-    assert meta.pretrained == "file:tiny.pt" and meta.checkpoint_sha256 == sha256_file(ckpt)
+    assert meta.pretrained == "file:tiny.pt" and meta.checkpoint_sha256 == model_file_sha256(ckpt)
 
 
 def test_cli_export(tmp_path, labelled_dir):
