@@ -36,3 +36,12 @@ def sxm_dir(shared_data: Path) -> Path:
 def labelled_dir(shared_data: Path) -> Path:
     """Folder of the labelled STM images (COCO JSON)."""
     return _require(shared_data / "labelled")
+
+
+@pytest.fixture(scope="module")
+def refs(sxm_dir, tmp_path_factory) -> Path:
+    """One-species reference library (``adsorbate``: the first whole adsorbate of the Au(111) scan),
+    in a temporary folder."""
+    from tests.helpers import build_refs
+
+    return build_refs(sxm_dir, tmp_path_factory.mktemp("refs"))

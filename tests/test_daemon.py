@@ -11,96 +11,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from stm_agent.adapters.references import ReferenceLibrary
-from stm_agent.adapters.scanfile import read_scan
 from stm_agent.adapters.store import ResultStore
 from stm_agent.adapters.zmq_io import Subscriber
 from stm_agent.agent.config import AgentConfig
 from stm_agent.agent.daemon import Agent
-from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at
+from stm_agent.agent.pipeline import Recognizer
 
-REF_SCAN = "au111_adsorbates_10nm_256_up.sxm"
-OTHER = "cu111_tcne_molecules_6nm_256_up.sxm"
-SMALL = "porphyrin_dimer_96_up_7ch.sxm"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def refs(sxm_dir, tmp_path_factory) -> Path:
-    """One-species library: the first whole adsorbate of the Au(111) scan."""
-    folder = tmp_path_factory.mktemp("refs")
-    scan = read_scan(sxm_dir / REF_SCAN)
-    cfg = AgentConfig()
-    _, regions = detect(scan, cfg)
-    reg = next(r for r in regions if not r.touches_edge)
-    crop, px, prov = reference_crop_at(scan, *reg.centroid_px, cfg, units="px")
-    ReferenceLibrary(folder).add("adsorbate", crop, px, prov)
-    return folder
-
-
-def make_cfg(tmp_path: Path, refs: Path, **acq) -> AgentConfig:
-    return AgentConfig(
-        agent_id="stm-test",
-        references={"folder": str(refs)},
-        acquisition={"folder": str(tmp_path / "acq"), "settle_s": 0.3, "complete_timeout_s": 30.0} | acq,
-        results={"store": str(tmp_path / "results.sqlite")},
-        publish={"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0.2, "linger_ms": 500,
-                 "query_endpoint": None},
-    )
-
-
-class Running:
-    """An Agent running in a thread, with a SUB socket that has joined (seen a heartbeat)."""
-
-    def __init__(self, agent: Agent):
-        self.agent = agent
-        self.sub = Subscriber(agent.endpoint)
-        self.log: list[tuple[str, dict]] = []  # every message received, in order
-        self.thread = threading.Thread(target=agent.run, daemon=True)
-        self.thread.start()
-        self.next("agent.heartbeat", timeout=10)  # slow joiner: from here on nothing is missed
-
-    def next(self, topic: str, timeout: float = 10.0, where=lambda m: True) -> dict:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            got = self.sub.recv(timeout_ms=100)
-            if got:
-                self.log.append(got)
-                if got[0] == topic and where(got[1]):
-                    return got[1]
-        pytest.fail(f"no {topic} message within {timeout} s")
-
-    def frames(self, wait: float, since: int = 0) -> list[dict]:
-        """frame.counts messages received from log position ``since`` on, after waiting ``wait`` s."""
-        end = time.monotonic() + wait
-        while time.monotonic() < end:
-            got = self.sub.recv(timeout_ms=50)
-            if got:
-                self.log.append(got)
-        return [m for t, m in self.log[since:] if t == "frame.counts"]
-
-    def idle(self, timeout: float = 10.0) -> dict:
-        """Wait for a heartbeat with nothing pending or queued."""
-        return self.next("agent.heartbeat", timeout,
-                         where=lambda m: m["pending"] == 0 and m["queue_depth"] == 0)
-
-    def stop(self) -> dict:
-        self.agent.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        msg = self.next("agent.status", 5, where=lambda m: m["state"] == "stopping")
-        self.sub.close()
-        return msg
+from tests.helpers import OTHER, REF_SCAN, SMALL, Running, make_cfg, sha  # noqa: E402,F401
 
 
 @pytest.fixture
@@ -120,8 +42,8 @@ def running(tmp_path, refs):
         r.sub.close()
 
 
-def test_frame_published_recorded_and_written(running, sxm_dir, tmp_path):
-    run = running()
+def test_frame_published_recorded_and_written(running, sxm_dir, tmp_path, refs):
+    run = running(make_cfg(tmp_path, refs, results_next_to_scans=True))  # a copy in tmp_path/acq
     acq = tmp_path / "acq"
     shutil.copy(sxm_dir / REF_SCAN, acq / "Image_412.sxm")
     msg = run.next("frame.counts")
@@ -261,13 +183,13 @@ def test_sigterm_stops_cleanly(tmp_path, refs, sxm_dir):
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     code = (
         "import json, sys\n"
-        "from agent.config import AgentConfig\n"
-        "from agent.daemon import Agent, install_signal_handlers\n"
+        "from stm_agent.agent.config import AgentConfig\n"
+        "from stm_agent.agent.daemon import Agent, install_signal_handlers\n"
         "cfg = AgentConfig.model_validate_json(open(sys.argv[1]).read())\n"
         "a = Agent(cfg); install_signal_handlers(a); a.run()\n"
     )
     sub = Subscriber(cfg.publish.endpoint)
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cfg.json")], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cfg.json")], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         end = time.monotonic() + 30

@@ -34,7 +34,7 @@ from stm_agent.agent.config import AgentConfig, ControllerConfig
 from stm_agent.agent.daemon import Agent
 from stm_agent.agent.errors import PublishError, StoreError
 
-from tests.test_daemon import REF_SCAN, SMALL, Running, make_cfg, refs  # noqa: F401 - fixture
+from tests.helpers import REF_SCAN, SMALL, Running, arrival, free_port, make_cfg  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 FEED_SCANS = ["porphyrin_dimer_96_up_7ch.sxm", "hbn_point_defect_96x100_down.sxm", "moire_10nm_160_down.sxm"]
@@ -48,12 +48,6 @@ AGENT_CODE = (
     "cfg = AgentConfig.model_validate_json(open(sys.argv[1]).read())\n"
     "a = Agent(cfg); install_signal_handlers(a); a.run()\n"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def agent_cfg(tmp_path: Path, refs: Path, **results) -> AgentConfig:
@@ -246,8 +240,7 @@ def test_since_query_pages_and_validates(tmp_path, refs, sxm_dir):
         files = [SMALL, REF_SCAN, "hbn_point_defect_96x100_down.sxm", "moire_10nm_160_down.sxm"]
         for f in files:
             shutil.copy(sxm_dir / f, tmp_path / f)
-            from tests.test_durability import arrival
-
+        
             run.agent.submit(arrival(tmp_path / f))
         for _ in files:
             run.next("frame.counts")
@@ -571,7 +564,6 @@ def test_malformed_flood_is_logged_a_few_times_not_per_message(caplog):
 
 # ----------------------------------------------------------------------------- finding 15
 def test_spool_budget_warns_and_prune_deletes_only_recorded_scans(tmp_path, refs, sxm_dir, caplog):
-    from tests.test_durability import arrival
 
     files = [sxm_dir / n for n in FEED_SCANS]
     budget_mb = 0.8  # the three scans spooled take ~1.3 MB

@@ -16,7 +16,7 @@ from stm_agent.agent.match import assign, species_scores
 from stm_agent.agent.normalise import normalise_crops
 from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at
 from stm_agent.models.pixel import PixelEncoder
-from tests.test_references import CountingEncoder
+from tests.helpers import CountingEncoder
 
 
 @pytest.fixture(scope="module")

@@ -3,44 +3,23 @@ and SIGKILL at random points (real processes, real sockets, a real SQLite file, 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from stm_agent.adapters.arrival import Arrival
 from stm_agent.adapters.store import ResultStore
 from stm_agent.adapters.zmq_io import Subscriber
-from stm_agent.agent.config import AgentConfig
 from stm_agent.agent.daemon import MAX_ATTEMPTS, Agent
 
-from tests.test_daemon import OTHER, REF_SCAN, SMALL, Running, make_cfg, refs, sha  # noqa: F401 - fixture
+from tests.helpers import OTHER, REF_SCAN, SMALL, Running, arrival, free_port, make_cfg, sha, wait_connected  # noqa: F401
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def arrival(path: Path, *, source: str = "folder", payload: bool = False) -> Arrival:
-    data = path.read_bytes()
-    return Arrival(path=None if payload else path, frame_id=hashlib.sha256(data).hexdigest(), size=len(data),
-                   received_at=datetime.now(timezone.utc), received_mono=time.monotonic(), source=source,
-                   kind="sxm" if payload else "file", payload=data if payload else None,
-                   meta={"name": path.name} if payload else {})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_inbox_holds_work_on_disk_and_each_frame_once_from_two_sources(tmp_path, refs, sxm_dir):
@@ -70,7 +49,7 @@ def test_inbox_holds_work_on_disk_and_each_frame_once_from_two_sources(tmp_path,
 
 
 def test_controller_payload_is_spooled_then_processed(tmp_path, refs, sxm_dir):
-    cfg = make_cfg(tmp_path, refs)
+    cfg = make_cfg(tmp_path, refs, results_next_to_scans=True)  # results beside the spooled payload
     cfg.acquisition.enabled = False
     run = Running(Agent(cfg))
     a = arrival(sxm_dir / REF_SCAN, source="controller", payload=True)
@@ -97,8 +76,8 @@ def test_recorded_but_unpublished_frame_is_published_again(tmp_path, refs, sxm_d
     cfg2 = make_cfg(tmp_path, refs)
     cfg2.publish.endpoint = f"tcp://127.0.0.1:{port}"
     sub = Subscriber(cfg2.publish.endpoint)
-    time.sleep(0.3)  # the SUB socket connects (and retries) before the agent binds
-    agent = Agent(cfg2)
+    agent = Agent(cfg2)  # binds the PUB socket
+    assert wait_connected(sub), "the SUB socket did not connect to the agent"
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
     try:
@@ -138,9 +117,9 @@ def test_frame_that_kills_the_agent_every_time_is_given_up(tmp_path, refs, sxm_d
 _AGENT_CODE = (
     "import logging, sys, time\n"
     "logging.basicConfig(level=logging.WARNING)\n"
-    "from agent.config import AgentConfig\n"
-    "from agent.daemon import Agent, install_signal_handlers\n"
-    "from agent.pipeline import Recognizer\n"
+    "from stm_agent.agent.config import AgentConfig\n"
+    "from stm_agent.agent.daemon import Agent, install_signal_handlers\n"
+    "from stm_agent.agent.pipeline import Recognizer\n"
     "cfg = AgentConfig.model_validate_json(open(sys.argv[1]).read())\n"
     "rec = Recognizer.from_config(cfg)\n"
     "inner = rec.recognise\n"
@@ -177,7 +156,7 @@ def test_sigkill_at_random_points_loses_nothing_and_records_once(tmp_path, refs,
                 received.append(got[1])
 
     def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", _AGENT_CODE, str(tmp_path / "cfg.json")], cwd=REPO,
+        return subprocess.Popen([sys.executable, "-c", _AGENT_CODE, str(tmp_path / "cfg.json")], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     try:

@@ -36,7 +36,7 @@ from stm_agent.agent.errors import (MissingChannelError, RefusedPathError, Refer
 from stm_agent.agent.normalise import crop_windows
 from stm_agent.agent.pipeline import Recognizer
 from tests.fake_nanonis import FakeNanonis
-from tests.test_daemon import OTHER, REF_SCAN, SMALL, Running, make_cfg, refs, sha  # noqa: F401 - fixture
+from tests.helpers import OTHER, REF_SCAN, SMALL, Running, arrival, make_cfg, sha  # noqa: F401
 
 SECRET = b"TOPSECRET-d41d8cd98f00b204e9800998ecf8427e"
 
@@ -69,7 +69,7 @@ def test_fifo_dev_zero_and_outside_symlink_are_refused_and_later_scans_processed
     acq = tmp_path / "acq"
     acq.mkdir()
     (tmp_path / "secret.txt").write_bytes(SECRET)
-    cfg = make_cfg(tmp_path, refs)
+    cfg = make_cfg(tmp_path, refs, results_next_to_scans=True)  # where results go is what is tested
     run = Running(Agent(cfg))
     try:
         os.mkfifo(acq / "x.sxm")
@@ -148,7 +148,7 @@ def test_scan_saved_outside_roots_is_refused_and_nothing_is_written_or_created(t
     (outside / "secret.sxm").write_bytes(SECRET)
     (tmp_path / "acq").mkdir()
     inside = Path(shutil.copy(sxm_dir / SMALL, tmp_path / "acq" / "saved_scan.sxm"))
-    cfg = make_cfg(tmp_path, refs)
+    cfg = make_cfg(tmp_path, refs, results_next_to_scans=True)  # where results go is what is tested
     cfg.controller.enabled, cfg.controller.endpoint = True, endpoint
     cfg.acquisition.catch_up = False
     before = sorted(p for p in tmp_path.rglob("*"))
@@ -188,7 +188,7 @@ def test_planted_symlinks_are_not_followed_and_results_are_not_world_readable(tm
         v.write_bytes(b"precious")
         os.symlink(v, acq / name)
         victims[name] = v
-    cfg = make_cfg(tmp_path, refs)
+    cfg = make_cfg(tmp_path, refs, results_next_to_scans=True)  # where results go is what is tested
     run = Running(Agent(cfg))
     try:
         shutil.copy(sxm_dir / SMALL, acq / "real.sxm")
@@ -206,9 +206,8 @@ def test_planted_symlinks_are_not_followed_and_results_are_not_world_readable(tm
 
 
 def test_spooled_payload_is_not_world_readable(tmp_path, refs, sxm_dir):
-    from tests.test_durability import arrival
 
-    cfg = make_cfg(tmp_path, refs)
+    cfg = make_cfg(tmp_path, refs, results_next_to_scans=True)  # where results go is what is tested
     cfg.acquisition.enabled = False
     agent = Agent(cfg)
     try:

@@ -15,18 +15,7 @@ from stm_agent.agent.errors import NoObjectError, ReferenceLibraryError
 from stm_agent.agent.pipeline import detect, reference_crop_at
 from stm_agent.models.pixel import PixelEncoder
 
-
-class CountingEncoder(PixelEncoder):
-    """Pixel encoder that counts how many crops it embedded."""
-
-    def __init__(self, size_px: int, tag: str = ""):
-        super().__init__(size_px)
-        self.id += tag
-        self.n = 0
-
-    def embed(self, crops):
-        self.n += len(crops)
-        return super().embed(crops)
+from tests.helpers import CountingEncoder
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import csv
 import hashlib
 import io
 import json
-import socket
 import sys
 
 import pytest
@@ -19,7 +18,7 @@ from stm_agent.adapters.query import QueryServer
 from stm_agent.adapters.store import ResultStore
 from stm_agent.agent.cli_service import results_app, status
 from stm_agent.agent.errors import StoreError
-from tests.test_schemas import BAD, REF_SCAN, SMALL, run_real_agent, sha
+from tests.helpers import BAD, REF_SCAN, SMALL, free_port, run_real_agent, sha
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 
@@ -40,12 +39,6 @@ def cli() -> typer.Typer:
     app.add_typer(results_app, name="results")
     app.command()(status)
     return app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def digest(path) -> str:

@@ -1,101 +1,18 @@
 """JSON Schemas of the published messages: messages of the real agent on real scans validate
-(jsonschema), hand-made invalid messages are rejected naming the key.
-
-Also holds :func:`run_real_agent`, used by the other interface tests (query, export, CLI)."""
+(jsonschema), hand-made invalid messages are rejected naming the key."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import shutil
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from stm_agent.adapters.references import ReferenceLibrary
 from stm_agent.adapters.scanfile import read_scan
 from stm_agent.adapters.schemas import SCHEMA_DIR, TOPICS, MessageSchemaError, schema_for, validate
-from stm_agent.adapters.zmq_io import Subscriber
-from stm_agent.agent.config import AgentConfig
-from stm_agent.agent.daemon import Agent
-from stm_agent.agent.pipeline import detect, reference_crop_at
 
-REF_SCAN = "au111_adsorbates_10nm_256_up.sxm"
-SMALL = "porphyrin_dimer_96_up_7ch.sxm"
-BAD = "bad/not_an_sxm.sxm"
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def build_refs(sxm_dir: Path, folder: Path) -> Path:
-    """One-species library: the first whole adsorbate of the Au(111) scan."""
-    scan = read_scan(sxm_dir / REF_SCAN)
-    cfg = AgentConfig()
-    _, regions = detect(scan, cfg)
-    reg = next(r for r in regions if not r.touches_edge)
-    crop, px, prov = reference_crop_at(scan, *reg.centroid_px, cfg, units="px")
-    ReferenceLibrary(folder).add("adsorbate", crop, px, prov)
-    return folder
-
-
-def run_real_agent(work: Path, sxm_dir: Path, files: list[str], timeout: float = 90.0, during=None) -> dict:
-    """Run the real Agent in a thread on ``files`` (relative to sxm_dir) copied into its watched
-    folder; return every message received ({"log": [(topic, msg)], "store": Path, "cfg", "agent",
-    "during": what ``during(agent)`` returned}).
-
-    Waits for a heartbeat first (slow joiner), then for one frame.counts per file, then for one
-    more heartbeat, calls ``during(agent)`` (agent still running), then stops the agent and
-    collects the agent.status "stopping"."""
-    refs = build_refs(sxm_dir, work / "refs")
-    cfg = AgentConfig(
-        agent_id="stm-test",
-        references={"folder": str(refs)},
-        acquisition={"folder": str(work / "acq"), "settle_s": 0.3, "complete_timeout_s": 5.0},
-        results={"store": str(work / "results.sqlite")},
-        publish={"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0.2, "linger_ms": 500,
-                 "query_endpoint": "tcp://127.0.0.1:*"},
-    )
-    agent = Agent(cfg)
-    sub = Subscriber(agent.endpoint)
-    log: list[tuple[str, dict]] = []
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-
-    def wait(pred, what: str, limit: float) -> None:
-        end = time.monotonic() + limit
-        while time.monotonic() < end:
-            got = sub.recv(timeout_ms=100)
-            if got:
-                log.append(got)
-                if pred(got):
-                    return
-        pytest.fail(f"real agent: no {what} within {limit} s; got {[t for t, _ in log]}")
-
-    try:
-        wait(lambda g: g[0] == "agent.heartbeat", "heartbeat", 20)
-        (work / "acq").mkdir(exist_ok=True)
-        for f in files:
-            shutil.copy(sxm_dir / f, work / "acq" / Path(f).name)
-        end = time.monotonic() + timeout
-        while sum(t == "frame.counts" for t, _ in log) < len(files):
-            wait(lambda g: g[0] == "frame.counts", "frame.counts", max(end - time.monotonic(), 0.1))
-        mark = len(log)
-        wait(lambda g: g[0] == "agent.heartbeat" and len(log) > mark, "heartbeat after the frames", 10)
-        result = during(agent) if during is not None else None
-        agent.stop()
-        thread.join(20)
-        assert not thread.is_alive(), "the agent did not stop"
-        wait(lambda g: g[0] == "agent.status" and g[1].get("state") == "stopping", "agent.status stopping", 5)
-    finally:
-        agent.stop()
-        thread.join(10)
-        sub.close()
-    return {"log": log, "store": Path(cfg.results.store), "cfg": cfg, "agent": agent, "during": result}
+from tests.helpers import BAD, REF_SCAN, SMALL, run_real_agent, sha  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from stm_agent.adapters.store import ResultStore
 from stm_agent.agent.daemon import Agent
 
 from tests.fake_nanonis import FakeNanonis
-from tests.test_daemon import OTHER, REF_SCAN, SMALL, Running, make_cfg, refs, sha  # noqa: F401 - fixture
+from tests.helpers import OTHER, REF_SCAN, SMALL, Running, make_cfg, sha  # noqa: F401
 
 
 def _feed_dir(tmp_path, sxm_dir, names):
