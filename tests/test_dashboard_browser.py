@@ -99,7 +99,8 @@ def test_dashboard_live_frame_series_and_one_click_reference(browser, sxm_dir, t
                     "100 % acquired"):
             assert bit in meta, meta
         assert page.locator("#series polyline[data-species=other]").count() == 1
-        assert "heartbeat" in page.inner_text("#health-text")
+        health = page.inner_text("#health-text")
+        assert "heartbeat" in health and "sources folder up" in health, health
         assert page.locator("#triggers li[data-rule=many_objects]").count() == 1
 
         # live: a second scan and a partial one appear without reloading

@@ -235,7 +235,8 @@ function drawSeries() {
   for (let t = Math.ceil(t0 / step) * step; t <= t1; t += step) {
     const label = new Date(t).toLocaleTimeString([], { hour12: false, hour: "2-digit", minute: "2-digit", second: step < 60000 ? "2-digit" : undefined });
     svg.append(el("svg:line", { x1: X(t), x2: X(t), y1: H - B, y2: H - B + 4, class: "axis" }));
-    svg.append(el("svg:text", { x: X(t), y: H - 8, "text-anchor": "middle", text: label }));
+    const anchor = X(t) > W - R - 28 ? "end" : X(t) < L + 28 ? "start" : "middle";  // keep labels inside
+    svg.append(el("svg:text", { x: X(t), y: H - 8, "text-anchor": anchor, text: label }));
   }
   svg.append(el("svg:line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }));
   svg.append(el("svg:text", { x: 4, y: T + 2, "dominant-baseline": "hanging", text: metric === "density" ? "/nm²" : "n" }));
@@ -330,9 +331,11 @@ function drawHealth() {
   }
   const hb = h.heartbeat, age = h.heartbeat_age_s + (Date.now() - state.healthAt) / 1000;
   box.className = "health " + (age < 15 ? "up" : "down");
+  // the sources' own statistics: a thread that died, a watcher that stopped, Nanonis unreachable
   const src = Object.entries(hb.sources || {}).map(([n, s]) => {
-    const bad = s.error || s.observer_alive === false || (s.state && !["connected", "waiting", "running"].includes(s.state));
-    return `${n}${bad ? " (down)" : ""}`;
+    const bad = s.error ? "error" : s.alive === false || s.observer_alive === false ? "stopped"
+      : s.connected === false ? "not connected" : null;
+    return `${n} ${bad || "up"}`;
   }).join(", ") || "none";
   txt.textContent = `heartbeat ${age.toFixed(0)} s ago · ${hb.frames_done} frames, ${hb.errors} errors · queue ${hb.queue_depth}` +
     ` · sources ${src}`;
