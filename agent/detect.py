@@ -62,6 +62,8 @@ from stm_agent.agent.templates import Template, match_templates, template_labels
 SUPPORT_FRACTION = 0.25
 #: An object's pixels lie within this many object sizes of its seed (a radius: 0.75 = 1.5 x the size).
 REACH = 0.75
+#: An object is cut by the frame edge when its core (pixels >= this fraction of its height) touches it.
+CORE_FRACTION = 0.5
 #: Background removal: side of the flat square of the opening, in object sizes.
 BACKGROUND_FACTOR = 3.0
 #: Seeds: Gaussian sigma of the seed image and minimum seed distance, in object sizes.
@@ -233,6 +235,75 @@ def estimate_object_size(image: np.ndarray, pixel_size_nm: tuple[float, float],
     return float(e[o][np.searchsorted(cw, 0.5 * cw[-1])] * dx)
 
 
+def foreground_components(image: np.ndarray, noise: float,
+                          valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Connected foreground of a frame whose objects stand apart, else None.
+
+    The frame is freed of structures larger than a quarter of it (top-hat), thresholded at 15 % of
+    the typical object height (median of the strongest tenth of its local maxima, and at least
+    :data:`NOISE_K` pixel-noise standard deviations); the 8-connected components of at least
+    16 px are returned when together they cover under 30 % of the frame (objects apart), None for
+    a connected network (dense layer, lattice).
+
+    Returns
+    -------
+    (labels, stats) | None : int32 ``(ny, nx)`` component labels (0 = background) and the OpenCV
+        ``(n, 5)`` stats (x, y, w, h, area) of labels 0..n-1 (small ones relabelled 0).
+    """
+    ny, nx = image.shape
+    f = np.asarray(image, np.float32)
+    th = _gauss(f - _opening(f, max(3, nx // 4), max(3, ny // 4)), 1.0, 1.0)
+    if valid is not None:
+        th = np.where(valid, th, 0).astype(np.float32)
+    mx = cv2.dilate(th, np.ones((5, 5), np.uint8))
+    pk = th[(th >= mx) & (th > NOISE_K * noise)]
+    if pk.size == 0:
+        return None
+    top = np.sort(pk)[::-1][: max(3, pk.size // 10)]
+    t = max(0.15 * float(np.median(top)), NOISE_K * noise)
+    n, lab, st, _ = cv2.connectedComponentsWithStats((th > t).astype(np.uint8), connectivity=8)
+    small = st[:, 4] < 16
+    small[0] = False
+    n_valid = int(valid.sum()) if valid is not None else nx * ny
+    if small.all() or st[1:, 4][~small[1:]].sum() > 0.3 * n_valid:
+        return None
+    lab[small[lab]] = 0
+    return lab.astype(np.int32), st
+
+
+def whole_object_size(image: np.ndarray, pixel_size_nm: tuple[float, float], noise: float, seeds: np.ndarray,
+                      size_nm: float, valid: np.ndarray | None = None) -> float | None:
+    """Extent of objects larger than the scale-space size (made of parts), or None.
+
+    A molecule imaged with internal structure (lobes, bonds, a porphyrin in constant-height
+    current) gives scale-space blobs at the scale of its parts; what makes it one object is that
+    its parts are joined by signal above the background while separate molecules are not. Among
+    the frame's :func:`foreground_components` (objects apart) under 0.4 x the frame across and of
+    at least a quarter of the median such one's area that hold a seed of the scale detector (``seeds``, bool ``(ny, nx)``, found at
+    ``size_nm``), a component is *composite* when it holds two seeds or more or is at least
+    1.8 x ``size_nm`` across (longer side of its bounding box). When composites are the majority,
+    their median extent (nm) is returned. Sparse molecules seen as single blobs (touching pairs a
+    minority) and dense layers (no separate components) give None.
+    """
+    comp = foreground_components(image, noise, valid)
+    if comp is None:
+        return None
+    lab, st = comp
+    per = np.bincount(lab[seeds], minlength=len(st))
+    ext = np.maximum(st[:, 2] * pixel_size_nm[0], st[:, 3] * pixel_size_nm[1])
+    ny, nx = image.shape
+    small = ext <= 0.75 * min(nx * pixel_size_nm[0], ny * pixel_size_nm[1])  # objects, not a network
+    cand = (per >= 1) & small
+    cand[0] = False
+    if not cand.any():
+        return None
+    composite = cand & ((per >= 2) | (ext >= 1.8 * size_nm))
+    # vote by seeds: the specks between the lobes of a molecule hold few
+    if per[composite].sum() <= 0.5 * per[cand].sum():
+        return None
+    return float(np.median(ext[composite]))
+
+
 def _edge_flags(labels: np.ndarray, n: int, valid: np.ndarray) -> np.ndarray:
     """bool ``(n + 1,)``: label touches the image border or the NaN boundary."""
     edge = np.zeros(n + 1, bool)
@@ -246,8 +317,12 @@ def _edge_flags(labels: np.ndarray, n: int, valid: np.ndarray) -> np.ndarray:
 
 
 def regions_from_labels(labels: np.ndarray, valid: np.ndarray, pixel_size_nm: tuple[float, float],
-                        contrast: int = 1, label_offset: int = 0) -> list[Region]:
+                        contrast: int = 1, label_offset: int = 0,
+                        edge_labels: np.ndarray | None = None) -> list[Region]:
     """One :class:`Region` per label of a label image (0 = background).
+
+    ``touches_edge`` is set when the label (or, given ``edge_labels``, its part there: the core of
+    the object) touches the image border or the NaN boundary of a partial scan.
 
     A label may be several separate pieces (the lobes of one molecule): its outline is the convex
     hull of all its pixels (``cv2.convexHull``), its ``extent_nm`` the diameter of the minimum
@@ -258,7 +333,7 @@ def regions_from_labels(labels: np.ndarray, valid: np.ndarray, pixel_size_nm: tu
     n = int(labels.max())
     if n == 0:
         return []
-    edge = _edge_flags(labels, n, valid)
+    edge = _edge_flags(labels if edge_labels is None else edge_labels, n, valid)
     areas = np.bincount(labels.ravel(), minlength=n + 1)
     slices = ndi.find_objects(labels)
     ys, xs = np.indices(labels.shape, dtype=np.float64)
@@ -317,7 +392,8 @@ def scale_labels(f: np.ndarray, valid: np.ndarray, size_px: tuple[float, float],
         peaks &= seed_img > t
     markers, n_seeds = ndi.label(peaks, structure=np.ones((3, 3)))
     if n_seeds == 0:
-        return np.zeros(f.shape, np.int32), {"threshold": t, "cover": 0.0, "seeds": 0}
+        return np.zeros(f.shape, np.int32), {"threshold": t, "cover": 0.0, "seeds": 0, "core": None,
+                                             "seed_mask": peaks}
     # basins of the seeds, down to the noise level of the top-hat
     low = max(t_noise * 0.5, 1e-30)
     mask = (th > low) & valid
@@ -339,7 +415,9 @@ def scale_labels(f: np.ndarray, valid: np.ndarray, size_px: tuple[float, float],
     if small.any():
         labels[small[labels]] = 0
     cover = float(np.count_nonzero(labels & valid)) / max(int(valid.sum()), 1)
-    return labels, {"threshold": t, "cover": cover, "seeds": int(n_seeds)}
+    # core (>= half the object's height): an object is cut by the frame edge only if its core is
+    core = np.where(th >= CORE_FRACTION * peak[labels], labels, 0).astype(np.int32)
+    return labels, {"threshold": t, "cover": cover, "seeds": int(n_seeds), "core": core, "seed_mask": peaks}
 
 
 def scale_detect(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: SegmentConfig,
@@ -365,7 +443,15 @@ def scale_detect(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: Seg
     source = "given" if size_nm else "auto"
     if not size_nm:
         lo, hi = size_range_nm if size_range_nm else (None, None)
-        size_nm = estimate_object_size(f if signs[0] > 0 else -f, (dx, dy), lo, hi, valid=valid)
+        g = f if signs[0] > 0 else -f
+        size_nm = estimate_object_size(g, (dx, dy), lo, hi, valid=valid)
+        sx = min(size_nm, max(f.shape[1] * dx, f.shape[0] * dy))
+        _, d0 = scale_labels(g, valid, (max(sx / dx, 1.0), max(sx / dy, 1.0)), noise)
+        whole = whole_object_size(g, (dx, dy), noise, d0["seed_mask"], sx, valid) if d0["seeds"] else None
+        if whole is not None and whole > 1.25 * size_nm:
+            # the scale-space blobs are parts (lobes) of objects that stand apart: take the objects
+            size_nm = float(np.clip(whole, lo or 0.0, hi or np.inf))
+            source = "auto: objects made of parts"
     # an object is at most the frame (a wrong pixel size in the header must not allocate without bound)
     ny, nx = f.shape
     size_nm = float(min(size_nm, max(nx * dx, ny * dy)))
@@ -375,7 +461,9 @@ def scale_detect(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: Seg
     offset = 0
     for sgn in signs:
         labels, diag = scale_labels(f if sgn > 0 else -f, valid, size_px, noise)
-        regions += regions_from_labels(labels, valid, (dx, dy), contrast=sgn, label_offset=offset)
+        core = diag.pop("core")
+        diag.pop("seed_mask")
+        regions += regions_from_labels(labels, valid, (dx, dy), contrast=sgn, label_offset=offset, edge_labels=core)
         offset += int(labels.max())
         for k, v in diag.items():
             info[k if sgn > 0 else f"{k}_dark"] = v
@@ -458,6 +546,8 @@ def detect_objects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: S
     regions, info = scale_detect(img, (dx, dy), cfg, size_nm, rng)
     extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()
              if k not in ("size_source", "object_size_nm", "threshold", "threshold_dark")}
+    if info.get("size_source", "").startswith("auto:"):
+        source = info["size_source"]
     rep = DetectionReport(method="scale", requested=cfg.method, reason="configured" if method == "scale" else
                           "sparse frame: scale-space detector", object_size_nm=info["object_size_nm"],
                           size_source=source, n_regions=len(regions), extra=extra)
