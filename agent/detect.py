@@ -55,7 +55,8 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from stm_agent.agent.config import SegmentConfig
-from stm_agent.agent.segment import MIN_SPECK_PX, Region, fill_nan, segment
+from stm_agent.agent.flatten import fill_nan
+from stm_agent.agent.segment import MIN_SPECK_PX, Region, segment
 from stm_agent.agent.templates import Template, match_templates, template_labels
 
 #: Per-object support: pixels at or above this fraction of the object's own height (top-hat peak).

@@ -162,7 +162,7 @@ def _drawn_templates(folder, seed):
     """One reference per class drawn at its labelled box (crop 2 x the box's longer side)."""
     import cv2
 
-    from stm_agent.agent.segment import fill_nan
+    from stm_agent.agent.flatten import fill_nan
     from stm_agent.agent.templates import Template
 
     a = json.loads((folder / "annotations.json").read_text())
