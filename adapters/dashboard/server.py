@@ -57,7 +57,14 @@ class DashboardServer:
         self._config = uvicorn.Config(self.app, host=self.host, port=cfg.dashboard.port if port is None else port,
                                       log_level="warning", access_log=False, lifespan="on",
                                       timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(self._config)
+        hub = self.app.state.hub
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):  # Ctrl-C / SIGTERM: end the pages' streams first
+                hub.close_clients()
+                super().handle_exit(sig, frame)
+
+        self.server = _Server(self._config)
         self._thread: threading.Thread | None = None
 
     @property
