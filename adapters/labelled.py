@@ -35,6 +35,9 @@ class LabelledImage:
     ann_ids : list[int]
         Identity of each box: the COCO annotation id; for labelme / VOC the running index of the
         box over the whole set (1..), in file then box order. Empty = not given.
+    pixel_size_nm : tuple[float, float] | None
+        ``(dx, dy)`` nm per pixel when the annotation gives it (COCO image entry ``pixel_size_nm``,
+        a number or ``[dx, dy]``), else None (rendered image without a physical size).
     """
 
     path: Path
@@ -43,6 +46,7 @@ class LabelledImage:
     boxes: np.ndarray
     labels: list[str]
     ann_ids: list[int] = field(default_factory=list)
+    pixel_size_nm: tuple[float, float] | None = None
 
 
 def load_coco(folder: str | Path) -> tuple[list[LabelledImage], list[str]]:
@@ -78,12 +82,22 @@ def load_coco(folder: str | Path) -> tuple[list[LabelledImage], list[str]]:
                     boxes=np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4),
                     labels=[cats[a["category_id"]] for a in anns],
                     ann_ids=[int(a["id"]) for a in anns],
+                    pixel_size_nm=_pixel_size(im.get("pixel_size_nm")),
                 )
             )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ImageFormatError(p, f"not a readable COCO annotation file ({e})") from None
     return out, [cats[k] for k in sorted(cats)]
 
+
+def _pixel_size(v) -> tuple[float, float] | None:
+    """COCO ``pixel_size_nm`` (number or ``[dx, dy]``) -> ``(dx, dy)``; None when absent or not positive."""
+    if v is None:
+        return None
+    a = np.atleast_1d(np.asarray(v, np.float64)).ravel()
+    if a.size == 0 or not np.all(np.isfinite(a)) or not np.all(a > 0):
+        return None
+    return (float(a[0]), float(a[-1]))
 
 
 
@@ -349,11 +363,12 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def match_boxes(det_boxes: np.ndarray, det_centroids: np.ndarray, gt_boxes: np.ndarray,
-                iou_min: float = 0.5) -> np.ndarray:
+                iou_min: float = 0.5, centroid_inside: bool = True) -> np.ndarray:
     """One-to-one matching of detections to ground truth (greedy by IoU, then centroid distance).
 
-    A pair qualifies when IoU >= ``iou_min`` or the detection's centroid lies inside the
-    ground-truth box.
+    A pair qualifies when IoU >= ``iou_min`` or (``centroid_inside``) the detection's centroid
+    lies inside the ground-truth box. The evaluation uses IoU only (a lobe inside a box is not the
+    molecule found).
 
     Parameters
     ----------
@@ -379,7 +394,7 @@ def match_boxes(det_boxes: np.ndarray, det_centroids: np.ndarray, gt_boxes: np.n
     )
     gc = g[:, :2] + g[:, 2:] / 2
     dist = np.hypot(c[:, 0, None] - gc[None, :, 0], c[:, 1, None] - gc[None, :, 1])
-    ok = (iou >= iou_min) | inside
+    ok = (iou >= iou_min) | (inside & centroid_inside)
     # rank qualifying pairs: higher IoU first, then closer centroid
     score = np.where(ok, iou - 1e-6 * dist, -np.inf)
     order = np.argsort(-score, axis=None)

@@ -8,9 +8,12 @@ Layout::
                                        pixel_size_nm, channel, extent_nm, created (UTC ISO time)
     <folder>/.cache/<key>.npz          embeddings of every pose of every reference
 
-The cache key is the sha256 of the encoder id, the normalisation settings, the crop window and the
-sha256 of every reference file, so the pose embeddings are recomputed exactly when one of them
-changes (UniMR embeds the references once and compares every query against them).
+This module only stores and loads files and the cache: the pose embeddings themselves (per-reference
+crop windows, ``normalise.mirror: auto``, descriptors) are computed by
+:func:`agent.references.embed_references`, the one function the daemon and the evaluation use too.
+The cache key is the sha256 of the encoder id, the normalisation settings and the sha256 of every
+reference file, so the pose embeddings are recomputed exactly when one of them changes (UniMR
+embeds the references once and compares every query against them).
 
 Physical descriptors (``match.descriptor_weight`` > 0, :mod:`agent.descriptors`): each reference's
 descriptors are the ``descriptors`` record of its provenance, written by
@@ -42,7 +45,8 @@ from stm_agent.agent import descriptors as D
 from stm_agent.agent.config import NormaliseConfig
 from stm_agent.agent.errors import ReferenceLibraryError
 from stm_agent.agent.match import RefEmbeddings
-from stm_agent.agent.normalise import crop_windows, frame_range, make_poses, to_grey
+from stm_agent.agent.references import (CHIRAL_BELOW, PAIR_TOLERANCE, Reference, crop_descriptor_record, embed_references,
+                                        object_extent_nm, reference_grey, window_nm)
 from stm_agent.models.base import Encoder
 
 #: Largest reference crop file loaded, bytes (a crop is a few KB to a few MB).
@@ -215,48 +219,49 @@ class ReferenceLibrary:
             raise ReferenceLibraryError(f"{self.folder}: the reference library holds no reference (add some with `stm-agent refs add`)")
         return out
 
+    def references(self) -> list[Reference]:
+        """Every entry as an in-memory :class:`agent.references.Reference` (crop loaded).
+
+        The window extent is the longer side of the object's box (provenance ``bbox_px``, as
+        :func:`agent.references.object_extent_nm` measures queries), else the stored ``extent_nm``.
+        """
+        out = []
+        for e in self.entries():
+            bb = e.provenance.get("bbox_px")
+            ext = float(object_extent_nm(bb, e.pixel_size_nm)[0]) if bb else e.extent_nm
+            gr = e.provenance.get("grey_range")
+            out.append(Reference(species=e.species, crop=e.load(), pixel_size_nm=e.pixel_size_nm, extent_nm=ext,
+                                 grey_range=(float(gr[0]), float(gr[1])) if gr else None,
+                                 descriptors=e.provenance.get("descriptors"), name=e.path.name,
+                                 provenance=e.provenance))
+        return out
+
     def window_nm(self, cfg: NormaliseConfig) -> float:
-        """Crop window side, nm: ``cfg.window_nm`` or ``cfg.window_factor`` x the largest reference extent."""
-        if cfg.window_nm is not None:
-            return float(cfg.window_nm)
-        return float(cfg.window_factor * max(e.extent_nm for e in self.entries()))
+        """The largest reference crop window, nm (each reference is windowed from its own extent)."""
+        return float(window_nm([r.extent_nm for r in self.references()], cfg).max())
 
     def reference_crops(self, cfg: NormaliseConfig) -> tuple[list[ReferenceEntry], np.ndarray]:
-        """Normalised grey reference crops (pose 0): ``(entries, uint8 (R, S, S))``.
-
-        With ``cfg.contrast == "frame"`` the grey range is the provenance ``grey_range`` (the range of
-        the frame the reference was picked from), else the range of the stored crop itself.
-        """
-        entries = self.entries()
-        win = self.window_nm(cfg)
-        grey = []
-        for e in entries:
-            c = e.load()
-            centre = np.array([[(c.shape[1] - 1) / 2.0, (c.shape[0] - 1) / 2.0]])
-            rng = None
-            if cfg.contrast == "frame":
-                gr = e.provenance.get("grey_range")
-                rng = (float(gr[0]), float(gr[1])) if gr else frame_range(c)
-            grey.append(to_grey(crop_windows(c, centre, win, e.pixel_size_nm, cfg.size_px), cfg, rng)[0])
-        return entries, np.stack(grey)
+        """Normalised grey reference crops (pose 0): ``(entries, uint8 (R, S, S))``
+        (:func:`agent.references.reference_grey`)."""
+        return self.entries(), reference_grey(self.references(), cfg)[0]
 
     def cache_key(self, encoder: Encoder, cfg: NormaliseConfig, descriptors: bool = False) -> str:
-        """sha256 hex of encoder id + normalisation settings + window + every reference file's hash
-        (+ ``agent.descriptors.DESCRIPTOR_SETTINGS`` with ``descriptors``; without, the key is the
-        one of earlier versions, so existing caches stay valid)."""
+        """sha256 hex of encoder id + normalisation settings + every reference file's hash
+        (+ ``agent.descriptors.DESCRIPTOR_SETTINGS`` with ``descriptors``)."""
         entries = self.entries()
         files = [
             [e.species, e.path.name, _sha256(e.path), _sha256(e.path.with_suffix(".json"))] for e in entries
         ]
-        content = {"encoder": encoder.id, "normalise": cfg.model_dump(mode="json"), "window_nm": self.window_nm(cfg),
-                   "files": files}
+        content = {"encoder": encoder.id, "normalise": cfg.model_dump(mode="json"), "windows": "own-extent/v1",
+                   "mirror_test": [CHIRAL_BELOW, PAIR_TOLERANCE], "files": files}
         if descriptors:
             content["descriptors"] = D.DESCRIPTOR_SETTINGS
         blob = json.dumps(content, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def reference_descriptors(self) -> tuple[list[ReferenceEntry], D.Descriptors, list[str]]:
-        """Physical descriptors of every reference (module docstring: provenance record or crop).
+        """Physical descriptors of every reference (provenance record, or measured on the crop by
+        :func:`agent.references.crop_descriptor_record`).
 
         Returns
         -------
@@ -268,35 +273,45 @@ class ReferenceLibrary:
         ReferenceLibraryError
             Empty library, or references whose heights are in different units (pm vs sigma).
         """
-        entries = self.entries()
-        recs = []
-        for e in entries:
-            rec = e.provenance.get("descriptors")
-            if isinstance(rec, dict) and rec.get("version") == D.DESCRIPTOR_VERSION:
-                recs.append(rec)
-                continue
-            c = e.load()
-            dx, dy = e.pixel_size_nm
-            h, w = c.shape
-            bb, pos = e.provenance.get("bbox_px"), e.provenance.get("position_px")
-            if bb and pos:  # frame box -> crop coordinates (getRectSubPix centre = object centroid)
-                x0 = int(round(bb[0] - pos[0] + (w - 1) / 2.0))
-                y0 = int(round(bb[1] - pos[1] + (h - 1) / 2.0))
-                x1, y1 = min(x0 + int(bb[2]), w), min(y0 + int(bb[3]), h)
-                x0, y0 = max(x0, 0), max(y0, 0)
-            else:  # central box of the object's extent
-                bw, bh = max(2, int(round(e.extent_nm / dx))), max(2, int(round(e.extent_nm / dy)))
-                x0, y0 = max((w - bw) // 2, 0), max((h - bh) // 2, 0)
-                x1, y1 = min(x0 + bw, w), min(y0 + bh, h)
-            # a topography crop in metres (channel Z, sub-micrometre values) -> pm; else sigma
-            z_unit = "m" if e.provenance.get("channel", "Z") == "Z" and float(np.ptp(c)) < 1e-6 else None
-            d = D.describe_objects(c, np.array([[x0, y0, max(x1 - x0, 1), max(y1 - y0, 1)]]), (dx, dy), z_unit=z_unit)
-            recs.append(D.descriptor_record(d, 0, method="crop"))
+        refs = self.references()
+        recs = [r.descriptors if isinstance(r.descriptors, dict) and r.descriptors.get("version") == D.DESCRIPTOR_VERSION
+                else crop_descriptor_record(r) for r in refs]
         try:
             desc = D.descriptors_from_records(recs)
         except (ValueError, KeyError, TypeError) as exc:
             raise ReferenceLibraryError(f"{self.folder}: reference descriptors unusable ({exc})") from None
-        return entries, desc, [r.get("method", "segment") for r in recs]
+        return self.entries(), desc, [r.get("method", "segment") for r in recs]
+
+    def remove(self, ref: str) -> list[Path]:
+        """Delete a reference: ``ref`` is its file name or stem (as :meth:`entries` lists it), or
+        ``SPECIES/INDEX`` (1-based, in :meth:`entries` order of that species).
+
+        Returns
+        -------
+        list[Path]
+            The files removed (``.npy``, ``.png``, ``.json``).
+
+        Raises
+        ------
+        ReferenceLibraryError
+            No such reference.
+        """
+        entries = self.entries()
+        hit = [e for e in entries if ref in (e.path.name, e.path.stem, f"{e.species}/{e.path.stem}")]
+        if not hit and "/" in ref:
+            sp, _, idx = ref.partition("/")
+            of = [e for e in entries if e.species == sp]
+            if idx.isdigit() and 1 <= int(idx) <= len(of):
+                hit = [of[int(idx) - 1]]
+        if not hit:
+            raise ReferenceLibraryError(f"{self.folder}: no reference {ref!r} (see `stm-agent refs show`)")
+        gone = []
+        for suf in (".npy", ".png", ".json"):
+            f = hit[0].path.with_suffix(suf)
+            if f.exists():
+                f.unlink()
+                gone.append(f)
+        return gone
 
     def pose_embeddings(self, encoder: Encoder, cfg: NormaliseConfig, descriptors: bool = False) -> RefEmbeddings:
         """Embeddings of every pose of every reference, from the on-disk cache when valid.
@@ -330,6 +345,8 @@ class ReferenceLibrary:
                 out = RefEmbeddings(
                     emb=z["emb"], species_idx=z["species_idx"], angle_deg=z["angle_deg"], mirrored=z["mirrored"],
                     species=[str(s) for s in z["species"]], ref_idx=z["ref_idx"], window_nm=float(z["window_nm"]), key=key,
+                    ref_window_nm=z["ref_window_nm"], ref_extent_nm=z["ref_extent_nm"], mirror=bool(z["mirror"]), mirror_reason=str(z["mirror_reason"]),
+                    enantiomers=bool(z["enantiomers"]), mirror_invariance=float(z["mirror_invariance"]),
                 )
                 if descriptors:
                     out.ref_desc, out.desc_std = z["ref_desc"], z["desc_std"]
@@ -340,33 +357,22 @@ class ReferenceLibrary:
             except (OSError, ValueError, KeyError):
                 pass  # damaged cache: recompute
         self.last_cache_hit = False
-        entries, grey = self.reference_crops(cfg)
-        names = sorted({e.species for e in entries})
-        poses, angles, mirrored = make_poses(grey, cfg)  # (R, P, S, S)
-        r, p, s, _ = poses.shape
-        emb = encoder.embed(poses.reshape(r * p, s, s)).astype(np.float32)
-        out = RefEmbeddings(
-            emb=emb,
-            species_idx=np.repeat([names.index(e.species) for e in entries], p).astype(np.int64),
-            angle_deg=np.tile(angles, r).astype(np.float32),
-            mirrored=np.tile(mirrored, r).astype(bool),
-            species=names,
-            ref_idx=np.repeat(np.arange(r), p).astype(np.int64),
-            window_nm=self.window_nm(cfg),
-            key=key,
-        )
+        try:
+            out = embed_references(self.references(), encoder, cfg, descriptors=descriptors)
+        except ValueError as exc:
+            raise ReferenceLibraryError(f"{self.folder}: reference descriptors unusable ({exc})") from None
+        out.key = key
+        names = out.species
         extra = {}
         if descriptors:
-            _, desc, _ = self.reference_descriptors()
-            x = desc.matrix()
-            sc = D.fit_reference_scaler(x, np.array([names.index(e.species) for e in entries]))
-            out.ref_desc, out.desc_std, out.desc_center, out.desc_scale = x, sc.transform(x), sc.center_, sc.scale_
-            out.height_unit = desc.height_unit
             extra = dict(ref_desc=out.ref_desc, desc_std=out.desc_std, desc_center=out.desc_center,
                          desc_scale=out.desc_scale, height_unit=np.array(out.height_unit))
         buf = io.BytesIO()
         np.savez(buf, emb=out.emb, species_idx=out.species_idx, angle_deg=out.angle_deg, mirrored=out.mirrored,
-                 species=np.array(names), ref_idx=out.ref_idx, window_nm=np.float64(out.window_nm), **extra)
+                 species=np.array(names), ref_idx=out.ref_idx, window_nm=np.float64(out.window_nm),
+                 ref_window_nm=out.ref_window_nm, ref_extent_nm=out.ref_extent_nm, mirror=np.bool_(out.mirror),
+                 mirror_reason=np.array(out.mirror_reason), enantiomers=np.bool_(out.enantiomers),
+                 mirror_invariance=np.float64(out.mirror_invariance), **extra)
         # atomically, never through a symlink planted in the cache folder (adapters/files.py)
         write_new(cache.parent, cache.name, buf.getvalue(), make_dirs=True)
         return out

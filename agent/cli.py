@@ -2,7 +2,7 @@
 
     stm-agent recognize SCAN... --refs DIR     count species in scans, write JSON + overlay PNG
     stm-agent refs add SPECIES --scan F --at X,Y   pick a reference (one example per species)
-    stm-agent refs list                        show the reference library
+    stm-agent refs show                        show the reference library (refs remove REF deletes one)
     stm-agent run [--config FILE]              the daemon: watch the acquisition folder, publish
     stm-agent listen                           print live counts published by a running agent
     stm-agent config init                      print the commented default configuration
@@ -309,12 +309,62 @@ def refs_add(
             path = lib.add(species, crop, psize, prov)
     except StmAgentError as e:
         fail(e)
-    console.print(f"added reference of [bold]{esc(species)}[/]: {esc(path)}", soft_wrap=True)
+    n = sum(1 for e in lib.entries() if e.species == species)
+    console.print(f"added reference {n} of [bold]{esc(species)}[/]: {esc(path)}", soft_wrap=True)
     if "position_nm" in prov:  # which object was taken (the nearest segmented one)
         (xn, yn), (xp, yp) = prov["position_nm"], prov["position_px"]
         console.print(f"  the object at {xn:.3f}, {yn:.3f} nm ({xp:.0f}, {yp:.0f} px), "
                       f"{prov.get('area_nm2', float('nan')):.3g} nm^2, {prov.get('extent_nm', float('nan')):.3g} nm across; "
                       "a running agent uses it from its next frame", soft_wrap=True, highlight=False)
+
+
+@refs_app.command("remove")
+def refs_remove(
+    ref: str = typer.Argument(..., help="The reference to remove: its file name or stem (see `refs show`), "
+                              "or SPECIES/N (the N-th reference of SPECIES, from 1)."),
+    refs: Optional[Path] = RefsOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Remove one reference from the library."""
+    from stm_agent.adapters.references import ReferenceLibrary
+
+    cfg = _config(config, refs)
+    try:
+        gone = ReferenceLibrary(cfg.references.folder).remove(ref)
+    except StmAgentError as e:
+        fail(e)
+    console.print(f"removed {esc(ref)}: " + ", ".join(esc(p.name) for p in gone), soft_wrap=True)
+
+
+@refs_app.command("show")
+def refs_show(refs: Optional[Path] = RefsOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """Show every reference (species, file, source, position, size, crop window) and whether mirrored
+    poses are used (``normalise.mirror: auto``)."""
+    from stm_agent.adapters.references import ReferenceLibrary
+    from stm_agent.agent.references import mirror_decision, reference_grey, window_nm
+
+    cfg = _config(config, refs)
+    lib = ReferenceLibrary(cfg.references.folder)
+    try:
+        rs = lib.references()
+        entries = lib.entries()
+    except StmAgentError as e:
+        fail(e)
+    t = Table(title=f"references in {esc((cfg.references.folder))}", title_justify="left")
+    for c in ("species", "#", "file", "from", "position (nm)", "extent (nm)", "window (nm)", "pixel size (nm)"):
+        t.add_column(c, justify="right" if c in ("#", "extent (nm)", "window (nm)") else "left")
+    wins = window_nm([r.extent_nm for r in rs], cfg.normalise)
+    seen: dict[str, int] = {}
+    for e, r, w in zip(entries, rs, wins):
+        seen[e.species] = seen.get(e.species, 0) + 1
+        src = e.provenance.get("scan") or e.provenance.get("image") or ""
+        pos = e.provenance.get("position_nm")
+        t.add_row(esc(e.species), str(seen[e.species]), esc(e.path.stem), esc(Path(str(src)).name) if src else "",
+                  f"{pos[0]:.2f}, {pos[1]:.2f}" if pos else "", f"{r.extent_nm:.3g}", f"{w:.3g}",
+                  " x ".join(f"{float(v):.4g}" for v in np.atleast_1d(e.pixel_size_nm)))
+    console.print(t)
+    ch = mirror_decision(reference_grey(rs, cfg.normalise)[0], [r.species for r in rs], cfg.normalise.mirror)
+    console.print(f"mirrored poses: {'on' if ch.mirror else 'off'} ({ch.reason})", markup=False, soft_wrap=True)
 
 
 @refs_app.command("list")

@@ -35,6 +35,16 @@ def _overrides(items: list[str]) -> dict:
     return out
 
 
+def _threshold(text: str) -> float | str:
+    """``--threshold``: ``auto`` or a cosine similarity."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"--threshold expects auto or a number, got {text!r}") from None
+
+
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text).strip("_")
 
@@ -45,7 +55,7 @@ def evaluate(
     mode: str = typer.Option("end-to-end", "--mode", help="end-to-end (segmentation + recognition) or "
                              "recognition (crops at the ground-truth boxes)."),
     compare: str = typer.Option("pixel", "--compare", help="Comma-separated entries: pixel, zernike, clip, auto, "
-                                "pixel+descriptors, unimr-as-released."),
+                                "unimr-as-released."),
     k: int = typer.Option(1, "--k", min=1, help="References drawn per class."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Number of reference draws (seeds seed0..seed0+N-1)."),
     seed0: int = typer.Option(0, "--seed", help="First seed."),
@@ -53,14 +63,9 @@ def evaluate(
                                                 "comma-separated annotation ids (one draw)."),
     references: Optional[Path] = typer.Option(None, "--references", help="Explicit reference library folder "
                                               "(`stm-agent refs` format; one draw)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Similarity threshold of the headline "
-                                              "figures (default match.threshold)."),
-    threshold_mode: Optional[str] = typer.Option(None, "--threshold-mode", help="Headline threshold: fixed "
-                                                 "(--threshold) or gmm (per-frame GMM threshold, per image "
-                                                 "end-to-end, per set recognition-only); default "
-                                                 "match.threshold_mode. Both are always reported."),
-    iou: float = typer.Option(0.5, "--iou", help="IoU at or above which a detection matches a box "
-                              "(a centroid inside the box also matches)."),
+    threshold: Optional[str] = typer.Option(None, "--threshold", help="Headline decision: auto (per image, "
+                                            "without labels) or a number; default match.threshold."),
+    iou: float = typer.Option(0.5, "--iou", help="IoU at or above which a detection matches a box."),
     pixel_size: float = typer.Option(1.0, "--pixel-size", help="nm per pixel of rendered images."),
     model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Exported CLIP folder (for clip / auto)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N images."),
@@ -91,10 +96,10 @@ def evaluate(
         st = EvalSettings(
             mode=mode, entries=[e.strip() for e in compare.split(",") if e.strip()], k=k,
             seeds=list(range(seed0, seed0 + seeds)),
-            threshold=cfg.match.threshold if threshold is None else threshold, iou=iou, pixel_size_nm=pixel_size,
+            threshold=cfg.match.threshold if threshold is None else _threshold(threshold),
+            ratio=cfg.match.ratio, alpha=cfg.match.alpha, iou=iou, pixel_size_nm=pixel_size,
             reference_ids=[int(a) for a in reference_ids.split(",")] if reference_ids else None,
             references=references, max_images=max_images,
-            threshold_mode=cfg.match.threshold_mode if threshold_mode is None else threshold_mode,
         )
         report, scored = run_eval(lset, cfg, st)
     except StmAgentError as e:
@@ -103,31 +108,33 @@ def evaluate(
     stem = _slug(name or lset.name)
     out.mkdir(parents=True, exist_ok=True)
     rows, cols = report["confusion_rows"], report["confusion_cols"]
-    tab = Table(title=f"{esc(lset.name)} ({report['mode']}, threshold {st.threshold} {st.threshold_mode}, "
+    tab = Table(title=f"{esc(lset.name)} ({report['mode']}, threshold {st.threshold}, ratio {st.ratio}, "
                       f"{len(st.seeds) if not (st.reference_ids or st.references) else 1} draw(s), K={k})")
-    for c in ("entry", "micro P", "micro R", "micro F1", "macro F1", "F1 fixed", "F1 gmm", "gmm t", "best t", "F1@best", "plateau", "det. recall",
-              "chosen"):
+    for c in ("entry", "micro P", "micro R", "micro F1", "macro F1", "argmax F1", "t used", "best t", "F1@best",
+              "det. R", "det. P", "count err", "chosen"):
         tab.add_column(c, justify="left" if c in ("entry", "chosen") else "right")
     curves = {}
+    pm = lambda d: f"{d['mean']:.2f}±{d['std']:.2f}"  # noqa: E731
     for e, r in report["results"].items():
         s = r["summary"]
         mi, ma, b = s["micro"], s["macro"], s["best"]
-        pm = lambda d: f"{d['mean']:.2f}±{d['std']:.2f}"  # noqa: E731
-        g = s["gmm"]
+        at = s["auto_threshold"]
         tab.add_row(esc(r["label"]), pm(mi["precision"]), pm(mi["recall"]), pm(mi["f1"]), pm(ma["f1"]),
-                    pm(g["fixed_micro_f1"]), pm(g["micro"]["f1"]),
-                    f"{g['threshold']['mean']:.2f} ({g['n_fallback']}/{g['n_groups']} fb)",
-                    f"{b['best_threshold']:.2f}", f"{b['best_f1']:.2f}", f"{b['plateau'][0]:.2f}-{b['plateau'][1]:.2f}",
+                    pm(s["argmax"]["macro_f1"]), f"{at['mean']:.2f}" if at["n"] else f"{s['threshold']}",
+                    f"{b['best_threshold']:.2f}", f"{b['best_f1']:.2f}",
                     pm(s["detection_recall"]) if "detection_recall" in s else "-",
+                    pm(s["detection_precision"]) if "detection_precision" in s else "-",
+                    pm(s["count_error"]["total"]) if "count_error" in s else "-",
                     ", ".join(f"{a}:{n}" for a, n in s.get("encoder_chosen", {}).items()) or "-")
         png = out / f"{stem}_{_slug(e)}_confusion.png"
         plot_confusion(np.array(s["confusion_summed"]), rows, cols,
-                       f"{lset.name}: {r['label']}\n(summed over {s['n_draws']} draw(s), t={st.threshold})", png)
+                       f"{lset.name}: {r['label']}\n(summed over {s['n_draws']} draw(s), t={s['threshold']})", png)
         r["confusion_png"] = png.name
         sw = s["sweep_mean"]
         curves[r["label"]] = (np.array(sw["micro_f1"]), np.array(sw["micro_f1_std"]))
     sweep_png = out / f"{stem}_sweep.png"
-    plot_sweep(st.thresholds, curves, f"{lset.name} ({report['mode']}): micro F1 vs threshold", sweep_png, st.threshold)
+    plot_sweep(st.thresholds, curves, f"{lset.name} ({report['mode']}): micro F1 vs threshold", sweep_png,
+               st.threshold if st.threshold != "auto" else None)
     report["sweep_png"] = sweep_png.name
     console.print(tab)
     for e, r in report["results"].items():
@@ -145,6 +152,14 @@ def evaluate(
         for lab, row in zip(rows, r["summary"]["confusion_summed"]):
             cm.add_row(esc(lab), *map(str, row))
         console.print(cm)
+    for e, lo in report.get("loco", {}).items():
+        lt = Table(title=f"{e}: leave one class out (recognition-only; target: >= 80 % other, "
+                         "remaining macro F1 within 0.05 of argmax)")
+        for c in ("left out", "other share", "remaining macro F1", "argmax"):
+            lt.add_column(c, justify="left" if c == "left out" else "right")
+        for c, v in lo.items():
+            lt.add_row(c, pm(v["other_share"]), pm(v["remaining_macro_f1"]), pm(v["remaining_macro_f1_argmax"]))
+        console.print(lt)
     js = out / f"{stem}.json"
     js.write_text(json.dumps(jsonable(report), indent=1, default=str), encoding="utf-8")
     console.print(f"wrote {esc(js)}, {esc(sweep_png.name)} and {len(report['results'])} confusion PNG(s) in {esc(out)}",
@@ -155,7 +170,7 @@ def evaluate(
             w = None
             for e, lst in scored.items():
                 used = st.seeds[:len(lst)]
-                for row in object_rows(lset.name, e, lst, used, st.threshold):
+                for row in object_rows(lset.name, e, lst, used):
                     if w is None:
                         w = csv.DictWriter(f, fieldnames=list(row))
                         w.writeheader()

@@ -135,7 +135,7 @@ class NormaliseConfig(_Strict):
     mean_grey: float = Field(120.0, ge=0, le=255)
     grey_tolerance: float = Field(20.0, ge=0)
     rotations: int = Field(36, ge=1, le=360)
-    mirror: bool = True
+    mirror: bool | Literal["auto"] = "auto"
     window_factor: float = Field(1.3, gt=0)
     contrast: Literal["frame", "crop"] = "crop"
     window_nm: float | None = Field(None, gt=0)
@@ -161,11 +161,40 @@ class EncoderConfig(_Strict):
 
 
 class MatchConfig(_Strict):
-    """Cosine-similarity matching against the references."""
+    """Cosine-similarity matching against the references.
 
-    threshold: float = Field(0.9, ge=-1, le=1)
-    descriptor_weight: float = Field(0.0, ge=0, le=1)
-    threshold_mode: Literal["fixed", "gmm"] = "fixed"
+    ``threshold: auto`` sets the threshold of each frame from the frame itself (conformal p-value
+    against background windows, :mod:`agent.threshold`); a number fixes it. ``ratio`` is the
+    best-vs-second-best species distance-ratio test (1 = off). ``descriptor_weight: auto`` uses
+    the physical descriptors (weight :data:`AUTO_DESCRIPTOR_WEIGHT`) where the frame has physical
+    units (.sxm), none for images without a pixel size. ``size_tolerance``: on frames with physical
+    units a species is ruled out for an object whose extent differs from every reference of that
+    species by more than this factor (:func:`agent.match.size_gate`; null = off).
+    """
+
+    threshold: float | Literal["auto"] = "auto"
+    alpha: float = Field(0.05, gt=0, lt=1)
+    ratio: float = Field(0.95, gt=0, le=1)
+    descriptor_weight: float | Literal["auto"] = "auto"
+    size_tolerance: float | None = Field(1.5, gt=1)
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_range(cls, v):
+        if v != "auto" and not -1.0 <= float(v) <= 1.0:
+            raise ValueError("must be auto or a cosine similarity in -1..1")
+        return v
+
+    @field_validator("descriptor_weight")
+    @classmethod
+    def _weight_range(cls, v):
+        if v != "auto" and not 0.0 <= float(v) <= 1.0:
+            raise ValueError("must be auto or a weight in 0..1")
+        return v
+
+
+#: descriptor weight of ``match.descriptor_weight: auto`` on frames with physical units
+AUTO_DESCRIPTOR_WEIGHT = 0.3
 
 
 class DashboardConfig(_Strict):
@@ -282,6 +311,9 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         origin = str(p)
     if overrides:
         data = _deep_update(data, overrides)
+    if isinstance(data.get("match"), dict) and "threshold_mode" in data["match"]:
+        raise ConfigError(f"{origin}: match.threshold_mode was replaced by match.threshold: auto (the default, set "
+                          "per frame without labels) or a number; remove threshold_mode")
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as e:

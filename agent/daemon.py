@@ -377,6 +377,7 @@ class Agent:
             "n_objects": result.n_objects,
             "encoder": result.encoder,
             "detection": result.detection,
+            "threshold": result.encoder.get("threshold"),
             "timings_ms": {k: round(float(v), 3) for k, v in result.timings_ms.items()},
             "latency_ms": 0.0,
             "status": "ok",

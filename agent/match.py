@@ -28,7 +28,8 @@ class RefEmbeddings:
     ref_idx : np.ndarray
         int ``(M,)``: which reference entry (order of ``ReferenceLibrary.entries()``) each row is.
     window_nm : float
-        Physical side of the crop window the embeddings were made with, nm.
+        The largest reference crop window, nm (each reference is windowed from its own extent:
+        ``ref_window_nm``).
     key : str
         Cache key (sha256 hex) of these embeddings.
     ref_desc : np.ndarray | None
@@ -41,6 +42,19 @@ class RefEmbeddings:
         float64 ``(4,)`` that scaler (apply it to the query descriptors).
     height_unit : str
         Unit of the reference heights (``"pm"`` or ``"sigma"``).
+    ref_window_nm : np.ndarray
+        float64 ``(R,)`` crop window side of each reference entry, nm.
+    ref_extent_nm : np.ndarray
+        float64 ``(R,)`` extent of each reference object (:func:`agent.references.object_extent_nm`), nm.
+    mirror : bool
+        Mirrored poses are among the rows (``normalise.mirror``, or its ``auto`` choice).
+    mirror_reason : str
+        How ``mirror`` was decided (:func:`agent.references.mirror_decision`).
+    enantiomers : bool
+        The library holds two species that are mirror images of each other.
+    mirror_invariance : float
+        Mean cosine between the embedding of each reference and of its mirror image (pose 0): ~1
+        for an encoder that cannot see a mirror (Zernike moment magnitudes).
     """
 
     emb: np.ndarray
@@ -56,6 +70,12 @@ class RefEmbeddings:
     desc_center: np.ndarray | None = None
     desc_scale: np.ndarray | None = None
     height_unit: str = ""
+    ref_window_nm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ref_extent_nm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    mirror: bool = True
+    mirror_reason: str = ""
+    enantiomers: bool = False
+    mirror_invariance: float = float("nan")
 
     def standardise(self, desc_matrix: np.ndarray) -> np.ndarray:
         """Query descriptors float ``(N, 4)`` -> standardised float64 ``(N, 4)`` with the reference scaler.
@@ -129,6 +149,40 @@ def species_scores(
     return scores, best
 
 
+def size_gate(scores: np.ndarray, query_extent_nm: np.ndarray, refs: RefEmbeddings, tolerance: float) -> np.ndarray:
+    """Rule out species whose references are of another size than the object (physical units only).
+
+    Windowing every object from its own extent (:mod:`agent.references`) makes the embeddings
+    scale-free: a 1 nm blob and a 2 nm blob of the same shape look alike. A species keeps its score
+    for an object only when some reference of that species has an extent within a factor
+    ``tolerance`` of the object's (``1/t <= e_object / e_ref <= t``); otherwise the score is -1.
+
+    Parameters
+    ----------
+    scores : float32 ``(N, K)`` from :func:`species_scores`.
+    query_extent_nm : float ``(N,)`` objects' extents, nm.
+    refs : RefEmbeddings (``ref_extent_nm`` ``(R,)``; without it nothing is gated).
+    tolerance : float > 1.
+
+    Returns
+    -------
+    np.ndarray
+        float32 ``(N, K)``: ``scores`` with incompatible (object, species) pairs set to -1.
+    """
+    ext = np.asarray(refs.ref_extent_nm, np.float64)
+    if ext.size == 0 or not len(scores) or tolerance is None:
+        return scores
+    ref_sp = refs.species_idx[np.unique(refs.ref_idx, return_index=True)[1]]
+    if len(ref_sp) != ext.size:
+        return scores
+    r = np.log(np.asarray(query_extent_nm, np.float64)[:, None] / np.maximum(ext[None, :], 1e-12))  # (N, R)
+    ok_ref = np.abs(r) <= np.log(float(tolerance)) + 1e-9
+    ok = np.zeros(scores.shape, bool)
+    for k in range(scores.shape[1]):
+        ok[:, k] = ok_ref[:, ref_sp == k].any(axis=1)
+    return np.where(ok, scores, np.float32(-1.0)).astype(np.float32)
+
+
 def match(
     query_emb: np.ndarray, refs: RefEmbeddings, threshold: float = 0.9,
     query_desc: np.ndarray | None = None, weight: float = 0.0,
@@ -155,190 +209,22 @@ def match(
 
 
 def assign(
-    scores: np.ndarray, best: np.ndarray, refs: RefEmbeddings, threshold: float = 0.9
+    scores: np.ndarray, best: np.ndarray, refs: RefEmbeddings, threshold: float = 0.9, ratio: float = 1.0
 ) -> tuple[list[str], np.ndarray, list[tuple[float, bool]]]:
-    """The decision step of :func:`match`, from :func:`species_scores`' ``(scores, best_row)``.
+    """The decision step of :func:`match`, from :func:`species_scores`' ``(scores, best_row)``:
+    the best species when its similarity is at least ``threshold`` and it passes the distance-ratio
+    test (:func:`agent.threshold.decide`, ``ratio`` 1 = off), else ``other``.
 
     Returns the same ``(species, similarity, pose)`` as :func:`match`.
     """
+    from stm_agent.agent.threshold import decide
+
     n = len(scores)
     if n == 0 or scores.shape[1] == 0:
         return [OTHER] * n, np.zeros(n, np.float32), [(0.0, False)] * n
-    k = np.argmax(scores, axis=1)
+    k, ok = decide(scores, threshold, ratio)
     sim = scores[np.arange(n), k]
     row = best[np.arange(n), k]
-    names = [refs.species[int(kk)] if s >= threshold else OTHER for kk, s in zip(k, sim)]
+    names = [refs.species[int(kk)] if a else OTHER for kk, a in zip(k, ok)]
     pose = [(float(refs.angle_deg[r]), bool(refs.mirrored[r])) for r in row]
     return names, sim.astype(np.float32), pose
-
-
-# ---------------------------------------------------------------- adaptive threshold (match.threshold_mode: gmm)
-#: fewest objects a frame needs for the GMM threshold (fewer: ``match.threshold``)
-GMM_MIN_OBJECTS = 6
-#: smallest Ashman's D = sqrt(2) |mu1 - mu0| / sqrt(sigma0^2 + sigma1^2) of a usable split
-GMM_MIN_SEPARATION = 2.0
-#: the adaptive threshold never goes further below ``match.threshold`` than this
-GMM_MAX_BELOW = 0.2
-#: ... nor above this
-GMM_UPPER = 0.99
-
-
-def posterior_crossing(means: np.ndarray, sigmas: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Where the posterior of the higher-mean component of 1-D two-Gaussian mixtures reaches 0.5.
-
-    With components sorted so that ``mu0 <= mu1``, p(1 | s) = 0.5 where
-    ``w1 N(s; mu1, sigma1) = w0 N(s; mu0, sigma0)``; taking logs, ``a s^2 + b s + c = 0`` with::
-
-        a = 1 / (2 sigma0^2) - 1 / (2 sigma1^2)
-        b = mu1 / sigma1^2 - mu0 / sigma0^2
-        c = mu0^2 / (2 sigma0^2) - mu1^2 / (2 sigma1^2) + ln(w1 sigma0 / (w0 sigma1))
-
-    The root between the two means is returned (``-c / b`` when ``a`` vanishes, equal sigmas). A
-    quadratic has at most one sign change of the log posterior ratio in ``[mu0, mu1]``; when there is
-    none (the heavier component dominates the whole interval) the result is NaN. Vectorised over
-    any number of mixtures.
-
-    Parameters
-    ----------
-    means, sigmas, weights : np.ndarray
-        float ``(..., 2)``: component means, standard deviations (> 0) and mixing weights (> 0),
-        in any order (sorted by mean here).
-
-    Returns
-    -------
-    np.ndarray
-        float64 ``(...)``: the crossing, in the units of ``means``; NaN where none lies in [mu0, mu1].
-    """
-    m, s, w = (np.asarray(a, np.float64) for a in (means, sigmas, weights))
-    order = np.argsort(m, axis=-1)
-    m, s, w = (np.take_along_axis(a, order, axis=-1) for a in (m, s, w))
-    m0, m1, s0, s1, w0, w1 = m[..., 0], m[..., 1], s[..., 0], s[..., 1], w[..., 0], w[..., 1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = 0.5 / s0**2 - 0.5 / s1**2
-        b = m1 / s1**2 - m0 / s0**2
-        c = 0.5 * m0**2 / s0**2 - 0.5 * m1**2 / s1**2 + np.log(w1 * s0 / (w0 * s1))
-        disc = np.sqrt(np.maximum(b * b - 4 * a * c, 0.0))
-        # both roots in the cancellation-free form (q = -(b + sign(b) disc) / 2: roots q/a and c/q)
-        q = -0.5 * (b + np.where(b >= 0, 1.0, -1.0) * disc)
-        small = np.abs(a) <= 1e-12 * (np.abs(b) + 1e-300)
-        r1 = np.where(small, -c / b, q / np.where(small, 1.0, a))
-        r2 = np.where(small, np.nan, c / q)
-        f = lambda x: (a * x + b) * x + c  # noqa: E731  log posterior ratio hi/lo
-        sign_change = (f(m0) < 0) & (f(m1) > 0) & (b * b - 4 * a * c >= 0)
-    lo, hi = np.minimum(m0, m1), np.maximum(m0, m1)
-    in1 = (r1 >= lo) & (r1 <= hi)
-    in2 = (r2 >= lo) & (r2 <= hi)
-    out = np.where(in1, r1, np.where(in2, r2, np.nan))
-    return np.where(sign_change, out, np.nan)
-
-
-@dataclass
-class AdaptiveThreshold:
-    """Outcome of :func:`gmm_threshold` (``FrameResult.encoder["threshold"]`` via :meth:`to_json`).
-
-    Attributes
-    ----------
-    value : float
-        Cosine-similarity threshold to use.
-    mode : str
-        ``"gmm"`` (or ``"fixed"`` when built by the pipeline in fixed mode).
-    fallback : bool
-        ``value`` is ``match.threshold`` because the GMM was not usable (see ``reason``).
-    reason : str | None
-        Why it fell back, or ``"clipped"`` when the crossing lay outside the allowed range.
-    crossing : float | None
-        The unclipped posterior crossing (None when not computed).
-    means, sigmas, weights : tuple[float, float] | None
-        The GMM components (low mean first).
-    separation : float | None
-        Ashman's D of the fit.
-    n_objects : int
-        Similarities in the fit.
-    """
-
-    value: float
-    mode: str = "gmm"
-    fallback: bool = False
-    reason: str | None = None
-    crossing: float | None = None
-    means: tuple[float, float] | None = None
-    sigmas: tuple[float, float] | None = None
-    weights: tuple[float, float] | None = None
-    separation: float | None = None
-    n_objects: int = 0
-
-    def to_json(self) -> dict:
-        """JSON-ready dict (floats rounded to 6 digits); ``{"mode": "fixed", "value": t}`` in fixed mode."""
-        r = lambda v: None if v is None or not np.isfinite(v) else round(float(v), 6)  # noqa: E731
-        t = lambda p: None if p is None else [r(v) for v in p]  # noqa: E731
-        if self.mode == "fixed":
-            return {"mode": "fixed", "value": r(self.value)}
-        return {"mode": self.mode, "value": r(self.value), "fallback": self.fallback, "reason": self.reason,
-                "crossing": r(self.crossing), "means": t(self.means), "sigmas": t(self.sigmas),
-                "weights": t(self.weights), "separation": r(self.separation), "n_objects": self.n_objects}
-
-
-def gmm_threshold(similarities: np.ndarray, threshold: float = 0.9, *, min_objects: int = GMM_MIN_OBJECTS,
-                  min_separation: float = GMM_MIN_SEPARATION, max_below: float = GMM_MAX_BELOW,
-                  upper: float = GMM_UPPER, random_state: int = 42) -> AdaptiveThreshold:
-    """Per-frame similarity threshold from a two-component Gaussian mixture (``threshold_mode: gmm``).
-
-    UniMR (Cao et al., Adv. Sci. 2025) fits ``GaussianMixture(2, random_state=42)`` to the objects'
-    best similarities to choose the encoder (:mod:`agent.selection`): the two components are the
-    "matches" and the "non-matches" of the frame. Here the same fit sets the decision threshold: the
-    similarity between the two means where the posterior of the higher-mean component reaches 0.5
-    (:func:`posterior_crossing`, the quadratic solved in closed form), clipped to
-    ``[threshold - max_below, upper]`` (default [0.7, 0.99] for 0.9).
-
-    Fallback to ``threshold`` (``fallback=True`` with a ``reason``): fewer than ``min_objects``
-    finite similarities; no spread; components not separated, Ashman's D =
-    ``sqrt(2) |mu1 - mu0| / sqrt(sigma0^2 + sigma1^2) < min_separation`` (D > 2 is the usual
-    criterion for a clean bimodal split, Ashman et al., J. Classification 1994); or no posterior
-    crossing between the means.
-
-    Parameters
-    ----------
-    similarities : np.ndarray
-        float ``(N,)``: each object's best cosine similarity over all species (``match`` /
-        ``assign``'s ``similarity``); non-finite values are ignored.
-    threshold : float
-        ``match.threshold``: the fallback and the centre of the allowed range.
-    min_objects, min_separation, max_below, upper, random_state
-        See above; module constants ``GMM_*`` are the defaults.
-
-    Returns
-    -------
-    AdaptiveThreshold
-    """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.mixture import GaussianMixture
-    import warnings
-
-    s = np.asarray(similarities, np.float64).ravel()
-    s = s[np.isfinite(s)]
-    n = int(s.size)
-    if n < min_objects:
-        return AdaptiveThreshold(float(threshold), fallback=True, reason=f"{n} objects < {min_objects}", n_objects=n)
-    if float(s.max() - s.min()) < 1e-6:
-        return AdaptiveThreshold(float(threshold), fallback=True, reason="similarities have no spread", n_objects=n)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        g = GaussianMixture(n_components=2, random_state=random_state).fit(s[:, None])
-    m = g.means_.ravel()
-    sd = np.sqrt(g.covariances_.reshape(2, -1)[:, 0])
-    w = g.weights_.ravel()
-    o = np.argsort(m)
-    m, sd, w = m[o], sd[o], w[o]
-    d = float(np.sqrt(2.0) * (m[1] - m[0]) / np.sqrt(sd[0] ** 2 + sd[1] ** 2))
-    x = float(posterior_crossing(m, sd, w))
-    base = dict(crossing=x if np.isfinite(x) else None, means=tuple(map(float, m)), sigmas=tuple(map(float, sd)),
-                weights=tuple(map(float, w)), separation=d, n_objects=n)
-    if d < min_separation:
-        return AdaptiveThreshold(float(threshold), fallback=True,
-                                 reason=f"components not separated (D {d:.2f} < {min_separation})", **base)
-    if not np.isfinite(x):
-        return AdaptiveThreshold(float(threshold), fallback=True, reason="no posterior crossing between the means",
-                                 **base)
-    lo = float(threshold) - max_below
-    v = float(np.clip(x, lo, max(lo, upper)))
-    return AdaptiveThreshold(v, reason="clipped" if v != x else None, **base)

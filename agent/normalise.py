@@ -46,8 +46,9 @@ def crop_windows(
         of the finite pixels (background level) before cropping.
     centres_px : np.ndarray
         ``(N, 2)`` float ``(x, y)`` centres in pixels.
-    window_nm : float
-        Side of the square window, nm.
+    window_nm : float | np.ndarray
+        Side of the square window, nm: one for all, or float ``(N,)`` one per centre (each object
+        windowed from its own extent, :func:`agent.references.window_nm`).
     pixel_size_nm : tuple[float, float]
         ``(dx, dy)`` pixel size of ``image``, nm (non-square pixels are resampled to square).
     size_px : int
@@ -69,20 +70,25 @@ def crop_windows(
         anything is allocated), or a value is not finite.
     """
     dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
-    if not (window_nm > 0 and dx > 0 and dy > 0):
-        raise ValueError(f"window_nm and pixel size must be positive, got {window_nm}, {pixel_size_nm}")
-    side_x, side_y = window_nm / dx, window_nm / dy  # floats: may be inf for absurd pixel sizes
-    if not (math.isfinite(side_x) and math.isfinite(side_y)) or max(side_x, side_y) > MAX_WINDOW_PX:
-        raise ScanGeometryError(
-            "crop window", f"the {window_nm:.3g} nm reference window is {side_x:.3g} x {side_y:.3g} px at a pixel "
-            f"size of {dx:.3g} x {dy:.3g} nm: more than {MAX_WINDOW_PX} px (is the scan range in the header right?)")
     cen = np.asarray(centres_px, dtype=np.float64).reshape(-1, 2)
+    w = np.asarray(window_nm, np.float64)
+    wins = np.full(len(cen), float(w)) if w.ndim == 0 else w.reshape(-1)
+    if wins.shape != (len(cen),) or not (np.all(w > 0) and dx > 0 and dy > 0):
+        raise ValueError(f"window_nm (one, or one per centre) and pixel size must be positive, got {window_nm}, "
+                         f"{pixel_size_nm}")
+    if wins.size:
+        wmax = float(wins.max())
+        side_x, side_y = wmax / dx, wmax / dy  # floats: may be inf for absurd pixel sizes
+        if not (math.isfinite(side_x) and math.isfinite(side_y)) or max(side_x, side_y) > MAX_WINDOW_PX:
+            raise ScanGeometryError(
+                "crop window", f"the {wmax:.3g} nm window is {side_x:.3g} x {side_y:.3g} px at a pixel "
+                f"size of {dx:.3g} x {dy:.3g} nm: more than {MAX_WINDOW_PX} px (is the scan range in the header right?)")
     if not np.isfinite(cen).all():
         raise ScanGeometryError("crop window", "an object centre is not a finite pixel position")
     img, _ = fill_nan(np.asarray(image, dtype=np.float32))
-    wx, wy = max(2, int(round(window_nm / dx))), max(2, int(round(window_nm / dy)))
     out = np.empty((len(cen), size_px, size_px), dtype=np.float32)
     for i, (cx, cy) in enumerate(cen):
+        wx, wy = max(2, int(round(wins[i] / dx))), max(2, int(round(wins[i] / dy)))
         patch = cv2.getRectSubPix(img, (wx, wy), (float(cx), float(cy)))
         interp = cv2.INTER_AREA if (wx > size_px or wy > size_px) else cv2.INTER_LINEAR
         out[i] = cv2.resize(patch, (size_px, size_px), interpolation=interp)
@@ -199,7 +205,7 @@ def make_poses(grey: np.ndarray, cfg: NormaliseConfig) -> tuple[np.ndarray, np.n
 def normalise_crops(
     image: np.ndarray,
     centres_px: np.ndarray,
-    window_nm: float,
+    window_nm: float | np.ndarray,
     pixel_size_nm: tuple[float, float],
     cfg: NormaliseConfig,
 ) -> np.ndarray:

@@ -23,10 +23,12 @@ from stm_agent.agent.descriptors import descriptor_record, describe_regions, z_u
 from stm_agent.agent.domain import OTHER, Detection, FrameResult, Scan
 from stm_agent.agent.errors import EmptyScanError, NoObjectError, ReferenceLibraryError
 from stm_agent.agent.flatten import fill_nan, flatten
-from stm_agent.agent.match import AdaptiveThreshold, RefEmbeddings, assign, gmm_threshold, species_scores
+from stm_agent.agent.match import RefEmbeddings, assign, size_gate, species_scores
 from stm_agent.agent.normalise import frame_range, normalise_crops
+from stm_agent.agent.references import object_extent_nm, window_nm
 from stm_agent.agent.segment import Region
 from stm_agent.agent.templates import Template
+from stm_agent.agent.threshold import ThresholdChoice, auto_threshold, null_scores
 
 log = logging.getLogger(__name__)
 
@@ -212,16 +214,23 @@ class Recognizer:
         self.library_channel: str | None = None
         #: the references as crops, for the template detector (dense frames)
         self.templates: list[Template] | None = None
+        #: ``encoder: auto``: how well each candidate separates the library's species
+        self.separation: dict[str, dict[str, Any]] = {}
 
-    def descriptor_weight(self, refs: RefEmbeddings, height_unit: str) -> float:
+    def descriptor_weight(self, refs: RefEmbeddings, height_unit: str, physical: bool = True) -> float:
         """The descriptor weight w in effect for ``refs`` (``cfg.match.descriptor_weight`` or 0).
 
-        0 when the references carry no descriptors, hold fewer than 2 species (nothing to tell
-        apart: every reference sits at the scaler centre, :func:`agent.descriptors.fit_reference_scaler`),
-        or their heights are in another unit than the frame's (``pm`` vs ``sigma``); a warning is
-        logged once.
+        ``auto``: :data:`agent.config.AUTO_DESCRIPTOR_WEIGHT` on frames with physical units
+        (``physical``: an .sxm frame), 0 on images without a pixel size. 0 when the references carry
+        no descriptors, hold fewer than 2 species (nothing to tell apart: every reference sits at the
+        scaler centre, :func:`agent.descriptors.fit_reference_scaler`), or their heights are in
+        another unit than the frame's (``pm`` vs ``sigma``); a warning is logged once (not for
+        ``auto``).
         """
-        w = float(self.cfg.match.descriptor_weight)
+        from stm_agent.agent.config import AUTO_DESCRIPTOR_WEIGHT
+
+        auto = self.cfg.match.descriptor_weight == "auto"
+        w = (AUTO_DESCRIPTOR_WEIGHT if physical else 0.0) if auto else float(self.cfg.match.descriptor_weight)
         if w <= 0:
             return 0.0
         why = None
@@ -233,7 +242,7 @@ class Recognizer:
             why = f"reference heights in {refs.height_unit}, frame heights in {height_unit}"
         if why is None:
             return w
-        if not self._desc_warned:
+        if not self._desc_warned and not auto:
             log.warning("descriptor_weight %.2f ignored: %s", w, why)
             self._desc_warned = True
         return 0.0
@@ -265,7 +274,7 @@ class Recognizer:
         encoders = make_encoders(cfg.encoder, cfg.normalise)
         lib = ReferenceLibrary(cfg.references.folder)
         ref_sets: dict[str, RefEmbeddings] = {}
-        with_desc = cfg.match.descriptor_weight > 0
+        with_desc = cfg.match.descriptor_weight != 0
         try:
             for name, enc in encoders.items():
                 ref_sets[name] = lib.pose_embeddings(enc, cfg.normalise, descriptors=with_desc)
@@ -292,7 +301,23 @@ class Recognizer:
             elif len(chans) > 1:
                 log.warning("%s: references recorded on several channels %s; channel follows the config",
                             lib.folder, sorted(str(c) for c in chans))
+        if candidates:
+            rec.exclude_inseparable()
         return rec
+
+    def exclude_inseparable(self) -> None:
+        """``encoder: auto``: drop candidates that cannot tell the library's species apart (issue 10,
+        item 7), e.g. mirror-invariant Zernike moments for enantiomers: see
+        :func:`agent.selection.species_separation`. Kept when every candidate fails (reported)."""
+        from stm_agent.agent.selection import species_separation
+
+        sep = {n: species_separation(r) for n, (_, r) in self.candidates.items()}
+        self.separation = sep
+        ok = {n: v for n, v in self.candidates.items() if sep[n]["separable"]}
+        if ok and len(ok) < len(self.candidates):
+            self.candidates = ok
+            first = next(iter(ok))
+            self.encoder, self.refs = ok[first]
 
     def detect(self, scan: Scan) -> tuple[np.ndarray, list[Region]]:
         """See :func:`detect`."""
@@ -357,6 +382,8 @@ class Recognizer:
     def _auto_json(self, chosen: str, sel_json: dict[str, Any], mode: str) -> dict[str, Any]:
         """``FrameResult.encoder`` for ``auto``: ``Selection.to_json()`` + name, chosen id, select mode."""
         out = {"name": "auto", "id": self.candidates[chosen][0].id, "select": mode, **sel_json}
+        if self.separation:
+            out["separation"] = self.separation
         if self.locked is not None and mode == "once":
             out["locked"] = True
         return out
@@ -368,25 +395,36 @@ class Recognizer:
             return encoder.embed(grey)
         return np.zeros((0, refs.emb.shape[1]), np.float32)
 
-    def threshold(self, scores: np.ndarray, regions: list[Region], refs: RefEmbeddings) -> AdaptiveThreshold:
-        """Similarity threshold of this frame (``match.threshold_mode``).
+    def threshold(self, image: np.ndarray, pixel_size_nm: tuple[float, float], boxes_px: np.ndarray,
+                  encoder, refs: RefEmbeddings) -> ThresholdChoice:
+        """Similarity threshold of this frame and how it was obtained (``match.threshold``).
 
-        ``fixed``: ``match.threshold``. ``gmm``: :func:`agent.match.gmm_threshold` fitted to the best
-        similarity (max over species) of the counted objects (not those cut by the edge when
-        ``segment.exclude_edge``), applied to every object of the frame.
+        A number: that number. ``auto``: :func:`agent.threshold.auto_threshold` of the frame's null
+        sample (:func:`agent.threshold.null_scores`: background windows away from every detected
+        object, embedded with ``encoder`` and scored against ``refs``). Both carry the ratio test
+        setting (``match.ratio``).
 
         Parameters
         ----------
-        scores : float32 ``(N, K)`` from :func:`agent.match.species_scores`; regions : the N regions.
+        image : float ``(ny, nx)`` flattened frame; pixel_size_nm : (dx, dy);
+        boxes_px : float ``(N, 4)`` every object's box; encoder, refs : the chosen encoder and its
+        reference pose embeddings.
         """
         m = self.cfg.match
-        if m.threshold_mode != "gmm":
-            return AdaptiveThreshold(float(m.threshold), mode="fixed", n_objects=len(regions))
-        if not refs.species or not len(scores):
-            return AdaptiveThreshold(float(m.threshold), fallback=True, reason="no references or objects",
-                                     n_objects=0)
-        counted = np.array([not (r.touches_edge and self.cfg.segment.exclude_edge) for r in regions], bool)
-        return gmm_threshold(scores.max(axis=1)[counted], m.threshold)
+        if m.threshold != "auto":
+            return ThresholdChoice(float(m.threshold), ratio=m.ratio)
+        if not refs.species:
+            return ThresholdChoice(-1.0, mode="auto", method="no references", ratio=m.ratio, alpha=m.alpha)
+        z = null_scores(image, pixel_size_nm, boxes_px, encoder, refs, self.cfg.normalise)
+        return auto_threshold(z, m.alpha, m.ratio)
+
+    def _encoder_of(self, refs: RefEmbeddings):
+        """The encoder that made ``refs`` (the chosen candidate for ``auto``)."""
+        if self.candidates:
+            for enc, r in self.candidates.values():
+                if r is refs:
+                    return enc
+        return self.encoder
 
     def recognise(self, scan: Scan) -> FrameResult:
         """Recognise every object of one frame.
@@ -406,8 +444,12 @@ class Recognizer:
             (``chosen``, ``reason``, ``scores`` of every candidate) + ``name: "auto"``, ``id`` of
             the chosen encoder, ``select`` mode, and with ``select: once`` ``selected_on`` (frame
             id the choice was made on) and ``locked: true`` once fixed. ``encoder["threshold"]`` is
-            the threshold used (:meth:`threshold`, :meth:`agent.match.AdaptiveThreshold.to_json`:
-            ``mode``, ``value``, ``fallback``, ``reason``, the GMM fit).
+            the threshold used and how it was obtained (:meth:`threshold`,
+            :meth:`agent.threshold.ThresholdChoice.to_json`); ``encoder["mirror"]`` whether mirrored
+            poses were used and why (``normalise.mirror: auto``); ``encoder["descriptor_weight"]``
+            the descriptor weight in effect. Each object is cropped once, its window from its own
+            extent (:func:`agent.references.window_nm`); on frames with physical units a species is
+            ruled out for objects of another size (:func:`agent.match.size_gate`).
 
         Raises
         ------
@@ -432,8 +474,10 @@ class Recognizer:
             report.note = f"{report.note}; {cinfo['warning']}" if report.note else cinfo["warning"]
         t2 = time.perf_counter()
         centres = np.array([r.centroid_px for r in regions], dtype=np.float64).reshape(-1, 2)
-        if self.refs.species:
-            grey = normalise_crops(image, centres, self.refs.window_nm, scan.pixel_size_nm, cfg.normalise)
+        boxes = np.array([r.bbox_px for r in regions], dtype=np.float64).reshape(-1, 4)
+        if self.refs.species:  # each object cropped once, its window from its own extent
+            wins = window_nm(object_extent_nm(boxes, scan.pixel_size_nm), cfg.normalise)
+            grey = normalise_crops(image, centres, wins, scan.pixel_size_nm, cfg.normalise)
         else:  # no references: nothing to compare with, every object is `other`
             grey = np.zeros((0, cfg.normalise.size_px, cfg.normalise.size_px), np.uint8)
         t3 = time.perf_counter()
@@ -442,7 +486,8 @@ class Recognizer:
             emb = np.zeros((len(regions), refs.emb.shape[1]), np.float32)
         t4 = time.perf_counter()
         z_unit = z_unit_of(scan.units.get(channel))
-        w = self.descriptor_weight(refs, "pm" if z_unit == "m" else "sigma") if regions else 0.0
+        physical = scan.units.get(channel, "a.u.") != "a.u."
+        w = self.descriptor_weight(refs, "pm" if z_unit == "m" else "sigma", physical) if regions else 0.0
         extra_ms: dict[str, float] = {}
         if w > 0:
             qd = refs.standardise(describe_regions(image, regions, scan.pixel_size_nm, z_unit).matrix())
@@ -450,9 +495,12 @@ class Recognizer:
             scores, best = species_scores(emb, refs, qd, w)
         else:
             scores, best = species_scores(emb, refs)
-        thr = self.threshold(scores, regions, refs)
-        names, sim, pose = assign(scores, best, refs, thr.value)
-        encoder_info = {**encoder_info, "threshold": thr.to_json()}
+        if physical and cfg.match.size_tolerance is not None and regions:
+            scores = size_gate(scores, object_extent_nm(boxes, scan.pixel_size_nm), refs, cfg.match.size_tolerance)
+        thr = self.threshold(image, scan.pixel_size_nm, boxes, self._encoder_of(refs), refs)
+        names, sim, pose = assign(scores, best, refs, thr.value, thr.ratio)
+        encoder_info = {**encoder_info, "threshold": thr.to_json(), "descriptor_weight": w,
+                        "mirror": {"used": refs.mirror, "reason": refs.mirror_reason}}
         t5 = time.perf_counter()
         xs, ys = scan.px_to_nm(centres[:, 0], centres[:, 1])
         counts = {s: 0 for s in refs.species}

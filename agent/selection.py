@@ -230,3 +230,54 @@ def select_from_encoders(encoders: Mapping[str, Any], query_crops: np.ndarray,
     """
     q = {k: e.embed(query_crops) for k, e in encoders.items()}
     return select_encoder({k: (q[k], ref_embeddings[k]) for k in encoders}, **kwargs), q
+
+
+#: an encoder whose closest pair of different species reaches this cosine cannot tell them apart
+SEPARABLE_BELOW = 0.995
+#: an encoder whose embedding of a crop and of its mirror image reach this cosine cannot see a mirror
+MIRROR_INVARIANT_ABOVE = 0.99
+
+
+def species_separation(refs, limit: float = SEPARABLE_BELOW) -> dict[str, Any]:
+    """Can an encoder tell the library's species apart? Measured on the references themselves.
+
+    Two tests (issue 10, item 7: ``encoder: auto`` must not pick an encoder that cannot):
+
+    * ``closest``: for every reference (its pose-0 row: angle 0, not mirrored) the best cosine to
+      any pose of any OTHER species; at ``closest >= limit`` two species are indistinguishable;
+    * ``mirror_invariance`` (:attr:`agent.match.RefEmbeddings.mirror_invariance`): when the library
+      holds enantiomers (:func:`agent.references.mirror_decision`), an encoder whose embedding of a
+      reference and of its mirror image coincide (>= :data:`MIRROR_INVARIANT_ABOVE`; Zernike moment
+      magnitudes: ~1.0 by construction) cannot tell them apart, whatever ``closest`` says (real L
+      and R crops are not exact mirror images: Zernike gives 0.98-0.99 between them).
+
+    Parameters
+    ----------
+    refs : agent.match.RefEmbeddings
+    limit : float
+
+    Returns
+    -------
+    dict
+        ``{"closest": float | None, "pair": [a, b] | None, "mirror_invariance": float | None,
+        "separable": bool, "reason": str | None}`` (one species: closest None, separable True).
+    """
+    mi = float(refs.mirror_invariance)
+    out: dict[str, Any] = {"closest": None, "pair": None, "mirror_invariance": round(mi, 6) if np.isfinite(mi) else None,
+                           "separable": True, "reason": None}
+    if len(refs.species) < 2 or refs.emb.size == 0:
+        return out
+    base = np.flatnonzero((np.asarray(refs.angle_deg) == 0) & ~np.asarray(refs.mirrored, bool))
+    sim = refs.emb[base] @ refs.emb.T                                     # (R, M)
+    other = refs.species_idx[base][:, None] != refs.species_idx[None, :]  # (R, M)
+    sim = np.where(other, sim, -np.inf)
+    i, j = np.unravel_index(int(np.argmax(sim)), sim.shape)
+    c = float(sim[i, j])
+    out["closest"] = round(c, 6)
+    out["pair"] = [refs.species[int(refs.species_idx[base[i]])], refs.species[int(refs.species_idx[j])]]
+    if c >= limit:
+        out.update(separable=False, reason=f"species {out['pair'][0]} and {out['pair'][1]} reach cosine {c:.3f}")
+    elif refs.enantiomers and np.isfinite(mi) and mi >= MIRROR_INVARIANT_ABOVE:
+        out.update(separable=False, reason=f"enantiomers in the library and the encoder cannot see a mirror "
+                                           f"(mirror invariance {mi:.3f})")
+    return out

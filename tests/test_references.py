@@ -70,11 +70,15 @@ def test_pose_embeddings_cached_and_invalidated(library):
     cfg = NormaliseConfig()
     enc = CountingEncoder(64)
     r1 = library.pose_embeddings(enc, cfg)
+    assert r1.mirror and "auto" in r1.mirror_reason  # two unrelated adsorbates: not enantiomers
     assert library.last_cache_hit is False and enc.n == 2 * 72
     assert r1.emb.shape == (144, enc.dim) and r1.emb.dtype == np.float32
     assert r1.species == ["A", "B"] and list(np.bincount(r1.species_idx)) == [72, 72]
     assert r1.mirrored.sum() == 72 and set(np.round(r1.angle_deg)) == set(range(0, 360, 10))
-    assert r1.window_nm == pytest.approx(1.3 * max(e.extent_nm for e in library.entries()))
+    # each reference is windowed from its own extent: 1.3 x the longer side of its box
+    own = [1.3 * max(e.provenance["bbox_px"][2:]) * e.pixel_size_nm[0] for e in library.entries()]
+    assert r1.ref_window_nm == pytest.approx(own) and own[0] != pytest.approx(own[1])
+    assert r1.window_nm == pytest.approx(max(own))
     assert (library.folder / ".cache" / f"{r1.key}.npz").is_file()
     # second call: from the cache, nothing re-embedded, same numbers
     r2 = library.pose_embeddings(enc, cfg)

@@ -1,0 +1,239 @@
+"""``match.threshold: auto``: the similarity threshold of each frame, set without labels.
+
+An object is a known species when its best cosine similarity is unlikely for something that is NOT
+a species. What is not a species is sampled from the frame itself: windows of the frame's
+background (away from every detected object), cut and embedded like the objects, each at the crop
+window of each species' references, and scored against that species (:func:`null_scores`). Their
+best scores are the null sample Z (n values) of the frame. The decision is a conformal p-value
+(Bates, Candes, Lei, Romano, Sesia, "Testing for outliers with conformal p-values", Ann. Stat. 51
+(2023) 149):
+
+    p(s) = (1 + #{z in Z : z >= s}) / (n + 1),   accepted as a species when p(s) <= alpha,
+
+i.e. the threshold is the smallest score with at most ``alpha (n + 1) - 1`` null scores at or above it
+(:func:`conformal_threshold`); with fewer than ``1/alpha - 1`` null samples, the largest null score.
+This calibrates on what really varies in the frame (its noise, texture, contrast, the partial
+objects a window of background shows) instead of on self-perturbed copies of a reference, whose
+scores are ~1 while real same-species cosines are 0.75-0.9.
+
+Between known species, a distance-ratio test (Lowe, IJCV 60 (2004) 91; for open-set recognition
+Mendes Junior et al., Machine Learning 106 (2017) 359) rejects ambiguous objects: the best species
+is kept only when ``(1 - s_best) <= ratio * (1 - s_second)`` (cosine distances); ``ratio`` 1 turns it
+off. Both are reported in every frame result (:meth:`ThresholdChoice.to_json`).
+
+Without a background sample (no frame, or a frame covered by objects) the threshold is -1 (argmax
+with the ratio test only) and the result says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stm_agent.agent.match import RefEmbeddings
+
+#: conformal level: the share of background windows allowed to pass as a species
+ALPHA = 0.05
+#: distance ratio of the best to the second-best species (1 = off)
+RATIO = 0.95
+#: at most this many background windows per frame
+N_NULL = 48
+
+
+@dataclass
+class ThresholdChoice:
+    """The threshold of one frame and how it was obtained.
+
+    Attributes
+    ----------
+    value : float
+        Cosine similarity at or above which the best species is accepted (-1: none).
+    mode : str
+        ``"fixed"`` (``match.threshold`` a number) or ``"auto"``.
+    method : str
+        How ``value`` was set (``"fixed"``, ``"conformal background"``, ``"no null sample"``).
+    ratio : float
+        Distance ratio of the ratio test (1 = off).
+    alpha : float | None
+        Conformal level (auto).
+    n_null : int
+        Background windows scored.
+    null_max, null_median : float | None
+        Of the null scores.
+    reason : str | None
+        Why a fallback was taken.
+    """
+
+    value: float
+    mode: str = "fixed"
+    method: str = "fixed"
+    ratio: float = 1.0
+    alpha: float | None = None
+    n_null: int = 0
+    null_max: float | None = None
+    null_median: float | None = None
+    reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (floats rounded to 6 digits)."""
+        r = lambda v: None if v is None or not np.isfinite(v) else round(float(v), 6)  # noqa: E731
+        out = {"mode": self.mode, "value": r(self.value), "method": self.method, "ratio": r(self.ratio)}
+        if self.mode != "fixed":
+            out.update({"alpha": r(self.alpha), "n_null": self.n_null, "null_max": r(self.null_max),
+                        "null_median": r(self.null_median), "reason": self.reason})
+        return {**out, **self.extra}
+
+
+def conformal_threshold(null: np.ndarray, alpha: float = ALPHA) -> float:
+    """Smallest score s with conformal p-value ``(1 + #{z >= s}) / (n + 1) <= alpha`` (Bates et al. 2023).
+
+    Parameters
+    ----------
+    null : np.ndarray
+        float ``(n,)`` null scores (non-finite ignored).
+    alpha : float
+        Level in (0, 1).
+
+    Returns
+    -------
+    float
+        A score just above the ``(m + 1)``-th largest null score, m = floor(alpha (n + 1) - 1); the
+        largest null score (+1e-6) when m < 0; -1 for an empty sample.
+    """
+    z = np.sort(np.asarray(null, np.float64)[np.isfinite(null)])[::-1]
+    if z.size == 0:
+        return -1.0
+    m = int(np.floor(alpha * (z.size + 1) - 1 + 1e-9))
+    return float(z[max(m, 0)] + 1e-6)
+
+
+def background_centres(shape: tuple[int, int], boxes_px: np.ndarray, window_px: float,
+                        valid: np.ndarray | None = None, n_max: int = N_NULL) -> np.ndarray:
+    """Centres of background windows: grid points whose window's central half avoids every object box.
+
+    Parameters
+    ----------
+    shape : (ny, nx)
+    boxes_px : float ``(N, 4)`` object boxes ``(x, y, w, h)``.
+    window_px : float
+        Window side, pixels.
+    valid : bool ``(ny, nx)`` acquired pixels (None: all).
+    n_max : int
+        At most this many centres (evenly thinned, deterministic).
+
+    Returns
+    -------
+    np.ndarray
+        float64 ``(M, 2)`` ``(x, y)`` pixels (M may be 0: a frame covered by objects).
+    """
+    ny, nx = shape
+    half = max(1.0, window_px / 2.0)
+    pad = half / 2.0  # the window's central half avoids every object (its rim may show parts of some)
+    blocked = np.zeros((ny, nx), bool)
+    for x, y, w, h in np.asarray(boxes_px, np.float64).reshape(-1, 4):
+        x0, y0 = int(max(0, np.floor(x - pad))), int(max(0, np.floor(y - pad)))
+        x1, y1 = int(min(nx, np.ceil(x + w + pad))), int(min(ny, np.ceil(y + h + pad)))
+        blocked[y0:y1, x0:x1] = True
+    if valid is not None:
+        # a window must lie on acquired pixels: block within half a window of any NaN pixel
+        import cv2
+
+        k = int(2 * half) | 1
+        blocked |= cv2.dilate((~valid).astype(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
+    step = max(2.0, window_px / 3.0)
+    xs = np.arange(half, nx - half + 1e-9, step)
+    ys = np.arange(half, ny - half + 1e-9, step)
+    if xs.size == 0 or ys.size == 0:
+        return np.zeros((0, 2))
+    gx, gy = np.meshgrid(xs, ys)
+    ok = ~blocked[np.clip(gy.astype(int), 0, ny - 1), np.clip(gx.astype(int), 0, nx - 1)]
+    c = np.stack([gx[ok], gy[ok]], axis=1)
+    if len(c) > n_max:
+        c = c[np.linspace(0, len(c) - 1, n_max).round().astype(int)]
+    return c
+
+
+def null_scores(image: np.ndarray, pixel_size_nm: tuple[float, float], boxes_px: np.ndarray,
+                encoder, refs: RefEmbeddings, cfg, n_max: int = N_NULL) -> np.ndarray:
+    """Best similarity of each background window of the frame to the species (the null sample).
+
+    Each species k is scored on windows of the side of its own references (median of
+    ``refs.ref_window_nm``), normalised as the objects are (:func:`agent.normalise.normalise_crops`);
+    the null score of a position is the maximum over species.
+
+    Parameters
+    ----------
+    image : float ``(ny, nx)`` flattened frame (NaN where not acquired).
+    pixel_size_nm : (dx, dy)
+    boxes_px : float ``(N, 4)`` every detected object's box.
+    encoder : models.base.Encoder (the one that made ``refs``)
+    refs : RefEmbeddings
+    cfg : NormaliseConfig
+
+    Returns
+    -------
+    np.ndarray
+        float64 ``(M,)`` (empty without references or background).
+    """
+    from stm_agent.agent.normalise import normalise_crops
+
+    k = len(refs.species)
+    if k == 0 or refs.emb.size == 0:
+        return np.zeros(0)
+    dx = float(pixel_size_nm[0])
+    valid = np.isfinite(image)
+    ref_sp = refs.species_idx[np.unique(refs.ref_idx, return_index=True)[1]] if len(refs.ref_idx) else np.zeros(0, int)
+    wins = np.asarray(refs.ref_window_nm, np.float64)
+    per = [float(np.median(wins[ref_sp == s])) if wins.size == len(ref_sp) and (ref_sp == s).any()
+           else float(refs.window_nm) for s in range(k)]
+    # the same positions for every species: windows of the largest species window avoid every object
+    cen = background_centres(image.shape, boxes_px, max(per) / dx, None if valid.all() else valid, n_max)
+    if len(cen) == 0:
+        return np.zeros(0)
+    best = np.full(len(cen), -1.0)
+    for s in range(k):
+        e = encoder.embed(normalise_crops(image, cen, per[s], pixel_size_nm, cfg))
+        sc = (e @ refs.emb[refs.species_idx == s].T).max(axis=1).astype(np.float64)
+        best = np.maximum(best, sc)
+    return best
+
+
+def decide(scores: np.ndarray, threshold: float | np.ndarray, ratio: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Best species of each object and whether it is accepted (threshold and ratio test).
+
+    Parameters
+    ----------
+    scores : float ``(N, K)`` best cosine similarity to each species.
+    threshold : float or float ``(N,)``
+    ratio : float
+        Accept only when ``(1 - s_best) <= ratio * (1 - s_second)`` (K >= 2; 1 = off).
+
+    Returns
+    -------
+    (best, accepted) : int ``(N,)``, bool ``(N,)``.
+    """
+    s = np.asarray(scores, np.float64)
+    n, k = s.shape
+    if n == 0 or k == 0:
+        return np.zeros(n, np.int64), np.zeros(n, bool)
+    best = np.argmax(s, axis=1)
+    top = s[np.arange(n), best]
+    ok = (top >= np.asarray(threshold, np.float64)) & (top > -1.0 + 1e-6)  # -1: no (size-compatible) reference
+    if k >= 2 and ratio < 1.0:
+        second = np.partition(s, k - 2, axis=1)[:, k - 2]
+        ok &= (1.0 - top) <= ratio * (1.0 - second) + 1e-12
+    return best.astype(np.int64), ok
+
+
+def auto_threshold(null: np.ndarray, alpha: float = ALPHA, ratio: float = RATIO) -> ThresholdChoice:
+    """:class:`ThresholdChoice` of ``match.threshold: auto`` from a frame's null scores."""
+    z = np.asarray(null, np.float64)
+    z = z[np.isfinite(z)]
+    if z.size == 0:
+        return ThresholdChoice(-1.0, mode="auto", method="no null sample", ratio=ratio, alpha=alpha,
+                               reason="no background window free of objects: ratio test only")
+    return ThresholdChoice(conformal_threshold(z, alpha), mode="auto", method="conformal background", ratio=ratio,
+                           alpha=alpha, n_null=int(z.size), null_max=float(z.max()), null_median=float(np.median(z)))
