@@ -15,6 +15,7 @@ from stm_agent.agent.config import AgentConfig
 from stm_agent.agent.match import assign, species_scores
 from stm_agent.agent.normalise import normalise_crops
 from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at
+from stm_agent.agent.references import object_extent_nm, window_nm
 from stm_agent.models.pixel import PixelEncoder
 from tests.helpers import CountingEncoder
 
@@ -41,16 +42,20 @@ def _library(folder, scan, n_species=2):
 
 def test_weight_zero_is_todays_pipeline(tmp_path, au111):
     cfg, lib, _ = _library(tmp_path / "refs", au111)
+    cfg.match.descriptor_weight = 0.0
+    cfg.match.size_tolerance = None
     rec = Recognizer.from_config(cfg)
-    assert rec.refs.desc_std is None  # w = 0: no descriptor is computed, the key is the legacy one
+    assert rec.refs.desc_std is None  # w = 0: no descriptor is computed
     res = rec.recognise(au111)
     assert "describe" not in res.timings_ms
-    # the same scores, bit for bit, as the embedding-only computation
+    # the same scores, bit for bit, as the embedding-only computation (each object windowed from
+    # its own extent)
     image, regions = detect(au111, cfg)
     centres = np.array([r.centroid_px for r in regions])
-    grey = normalise_crops(image, centres, rec.refs.window_nm, au111.pixel_size_nm, cfg.normalise)
+    wins = window_nm(object_extent_nm([r.bbox_px for r in regions], au111.pixel_size_nm), cfg.normalise)
+    grey = normalise_crops(image, centres, wins, au111.pixel_size_nm, cfg.normalise)
     scores, best = species_scores(PixelEncoder(64).embed(grey), rec.refs)
-    names, sim, _ = assign(scores, best, rec.refs, cfg.match.threshold)
+    names, sim, _ = assign(scores, best, rec.refs, res.encoder["threshold"]["value"], cfg.match.ratio)
     assert [d.species for d in res.detections] == names
     assert np.array_equal(np.array([d.similarity for d in res.detections], np.float32), sim)
     assert all(d.scores == {s: float(scores[i, k]) for k, s in enumerate(rec.refs.species)}
@@ -67,6 +72,12 @@ def test_weight_in_the_pipeline(tmp_path, au111):
     assert rec.refs.desc_std.shape == (2, 4) and rec.refs.height_unit == "pm"
     res = rec.recognise(au111)
     assert res.timings_ms["describe"] >= 0
+    # descriptor_weight: auto (the default) is 0.3 on a frame with physical units (.sxm)
+    cfg_a = cfg.model_copy(deep=True)
+    cfg_a.match.descriptor_weight = "auto"
+    res_a = Recognizer.from_config(cfg_a).recognise(au111)
+    assert res_a.encoder["descriptor_weight"] == 0.3
+    assert [d.scores for d in res_a.detections] == [d.scores for d in res.detections]
     cfg0 = cfg.model_copy(deep=True)
     cfg0.match.descriptor_weight = 0.0
     res0 = Recognizer.from_config(cfg0).recognise(au111)
@@ -95,10 +106,11 @@ def test_cache_key_follows_descriptor_settings(tmp_path, au111, monkeypatch):
     enc = CountingEncoder(64)
     r0 = lib.pose_embeddings(enc, cfg.normalise)
     r1 = lib.pose_embeddings(enc, cfg.normalise, descriptors=True)
-    assert lib.last_cache_hit is False and r1.key != r0.key and enc.n == 2 * 144
+    # 2 x 72 poses + the 2 mirrored pose-0 crops of the mirror-invariance test, per call
+    assert lib.last_cache_hit is False and r1.key != r0.key and enc.n == 2 * 146
     assert np.array_equal(r0.emb, r1.emb)
     r2 = lib.pose_embeddings(enc, cfg.normalise, descriptors=True)
-    assert lib.last_cache_hit is True and enc.n == 2 * 144
+    assert lib.last_cache_hit is True and enc.n == 2 * 146
     assert np.array_equal(r2.desc_std, r1.desc_std) and r2.height_unit == "pm"
     # the weight is applied at matching time: the cache holds no w, nothing is re-embedded for a new w
     q = r1.emb[::72]

@@ -71,7 +71,7 @@ def test_pose_embeddings_cached_and_invalidated(library):
     enc = CountingEncoder(64)
     r1 = library.pose_embeddings(enc, cfg)
     assert r1.mirror and "auto" in r1.mirror_reason  # two unrelated adsorbates: not enantiomers
-    assert library.last_cache_hit is False and enc.n == 2 * 72
+    assert library.last_cache_hit is False and enc.n == 2 * 72 + 2  # + 2 mirrored pose-0 crops (invariance test)
     assert r1.emb.shape == (144, enc.dim) and r1.emb.dtype == np.float32
     assert r1.species == ["A", "B"] and list(np.bincount(r1.species_idx)) == [72, 72]
     assert r1.mirrored.sum() == 72 and set(np.round(r1.angle_deg)) == set(range(0, 360, 10))
@@ -82,15 +82,15 @@ def test_pose_embeddings_cached_and_invalidated(library):
     assert (library.folder / ".cache" / f"{r1.key}.npz").is_file()
     # second call: from the cache, nothing re-embedded, same numbers
     r2 = library.pose_embeddings(enc, cfg)
-    assert library.last_cache_hit is True and enc.n == 144
+    assert library.last_cache_hit is True and enc.n == 146
     assert np.array_equal(r1.emb, r2.emb) and r2.species == r1.species
     # mirror off invalidates (and halves the poses)
     r3 = library.pose_embeddings(enc, NormaliseConfig(mirror=False))
-    assert library.last_cache_hit is False and enc.n == 144 + 72 and len(r3.emb) == 72
+    assert library.last_cache_hit is False and enc.n == 146 + 74 and len(r3.emb) == 72
     # another encoder id invalidates
     other = CountingEncoder(64, tag="/other")
     library.pose_embeddings(other, cfg)
-    assert library.last_cache_hit is False and other.n == 144
+    assert library.last_cache_hit is False and other.n == 146
     # a changed reference file invalidates
     e = library.entries()[0]
     np.save(e.path, e.load() * 2)
@@ -122,3 +122,91 @@ def test_reference_crop_at_picks_the_object(au111):
     # a click on empty surface far from any object
     with pytest.raises(NoObjectError, match="no object"):
         reference_crop_at(au111, 150, 130, cfg, units="px")
+
+
+def _crop_library(tmp_path, labelled_dir, pairs):
+    """A library of real labelled crops: ``pairs`` = [(species, crops folder, file index)]."""
+    from stm_agent.adapters.labelled import read_grey
+
+    lib = ReferenceLibrary(tmp_path / "crops-refs")
+    for species, folder, i in pairs:
+        f = sorted((labelled_dir / "crops" / folder).iterdir())[i]
+        c = read_grey(f)
+        lib.add(species, c, (0.05, 0.05), {"image": str(f), "channel": "Z",
+                                          "extent_nm": 0.05 * max(c.shape) / 1.3})
+    return lib
+
+
+@pytest.mark.parametrize("i", [0, 3, 7])
+def test_enantiomer_references_switch_mirror_off(tmp_path, labelled_dir, i):
+    """`normalise.mirror: auto` on the real F-HPB crops (not a flipped copy): an L and an R
+    reference are mirror images of each other, so mirrored poses are off; an L reference with a
+    Monoradical reference (or alone) keeps them."""
+    cfg = NormaliseConfig()
+    assert cfg.mirror == "auto"
+    enc = PixelEncoder(64)
+    lr = _crop_library(tmp_path / "lr", labelled_dir, [("L", "FHPB/L", i), ("R", "FHPB/R", i)])
+    r = lr.pose_embeddings(enc, cfg)
+    print("L/R:", r.mirror_reason)
+    assert r.mirror is False and r.enantiomers and "L/R" in r.mirror_reason
+    assert len(r.emb) == 2 * 36 and not r.mirrored.any()
+    mixed = _crop_library(tmp_path / "mixed", labelled_dir, [("L", "FHPB/L", i), ("M", "Monoradical/others", i)])
+    rm = mixed.pose_embeddings(enc, cfg)
+    print("L/others:", rm.mirror_reason)
+    assert rm.mirror is True and len(rm.emb) == 2 * 72
+    single = _crop_library(tmp_path / "one", labelled_dir, [("L", "FHPB/L", i)])
+    assert single.pose_embeddings(enc, cfg).mirror is True
+
+
+def test_auto_encoder_never_picks_a_mirror_blind_encoder_for_enantiomers(tmp_path, labelled_dir):
+    """`encoder: auto` (pixel vs Zernike without a CLIP model): Zernike moment magnitudes cannot see
+    a mirror, so with L/R enantiomers in the library it is not a candidate (measured on the real
+    crops: mirror invariance 1.000 for Zernike, ~0.7 for pixels; L-R closest cosine 0.98-0.99 for
+    Zernike, 0.82-0.88 for pixels)."""
+    from stm_agent.agent.pipeline import Recognizer
+
+    lib = _crop_library(tmp_path, labelled_dir, [("L", "FHPB/L", 1), ("R", "FHPB/R", 1)])
+    cfg = AgentConfig()
+    cfg.references.folder = lib.folder
+    cfg.encoder.name = "auto"
+    rec = Recognizer.from_config(cfg)
+    print(rec.separation)
+    assert list(rec.candidates) == ["pixel"]
+    assert rec.separation["zernike"]["separable"] is False and rec.separation["zernike"]["mirror_invariance"] > 0.99
+    assert rec.separation["pixel"]["separable"] is True
+    # with a library that is not chiral, both stay candidates
+    lib2 = _crop_library(tmp_path / "b", labelled_dir, [("A", "Monoradical/chiral", 1), ("B", "Monoradical/others", 1)])
+    cfg.references.folder = lib2.folder
+    assert list(Recognizer.from_config(cfg).candidates) == ["pixel", "zernike"]
+
+
+def test_refs_cli_add_show_remove(tmp_path, au111, sxm_dir):
+    from typer.testing import CliRunner
+
+    from stm_agent.agent.cli import app
+
+    cfg = AgentConfig()
+    _, regions = detect(au111, cfg)
+    inner = [r for r in regions if not r.touches_edge]
+    folder = tmp_path / "refs"
+    scan = str(sxm_dir / "au111_adsorbates_10nm_256_up.sxm")
+    run = CliRunner().invoke
+    for r in inner[:2]:
+        x, y = r.centroid_px
+        out = run(app, ["refs", "add", "A", "--scan", scan, "--at", f"{x:.1f},{y:.1f}", "--px", "--refs", str(folder)])
+        assert out.exit_code == 0, out.output
+        # says which object it took: its position and size
+        assert "took the object at" in out.output and f"{r.bbox_px[2]} x {r.bbox_px[3]} px" in out.output
+    assert "added reference 2 of A" in out.output  # appended: two prototypes of A
+    shown = run(app, ["refs", "show", "--refs", str(folder)])
+    assert shown.exit_code == 0 and shown.output.count("ref_") == 2 and "mirrored poses: on" in shown.output
+    first = ReferenceLibrary(folder).entries()[0].path.stem
+    gone = run(app, ["refs", "remove", first, "--refs", str(folder)])
+    assert gone.exit_code == 0 and first in gone.output
+    assert [e.path.stem for e in ReferenceLibrary(folder).entries()] != [first]
+    assert len(ReferenceLibrary(folder).entries()) == 1
+    bad = run(app, ["refs", "remove", "A/5", "--refs", str(folder)])
+    text = " ".join(bad.output.split())
+    assert bad.exit_code != 0 and "no reference 'A/5'" in text and "Traceback" not in text
+    assert run(app, ["refs", "remove", "A/1", "--refs", str(folder)]).exit_code == 0
+    assert not (folder / "A").exists() or not list((folder / "A").glob("*.npy"))
