@@ -174,7 +174,7 @@ class MatchConfig(_Strict):
 
     threshold: float | Literal["auto"] = "auto"
     alpha: float = Field(0.05, gt=0, lt=1)
-    ratio: float = Field(0.95, gt=0, le=1)
+    ratio: float = Field(0.98, gt=0, le=1)
     descriptor_weight: float | Literal["auto"] = "auto"
     size_tolerance: float | None = Field(1.5, gt=1)
 

@@ -215,7 +215,8 @@ class EvalSettings:
     reference_ids : explicit references (annotation ids); one draw, ``seeds`` ignored.
     references : explicit reference library folder (``stm-agent refs`` format); one draw.
     max_images : use only the first N images of a set (subsampling; None = all).
-    loco : also run leave-one-class-out (recognition-only, sets with >= 2 classes).
+    loco : also run leave-one-class-out for the first entry (recognition-only, sets with >= 2
+        classes).
     """
 
     mode: str = "end-to-end"
@@ -223,7 +224,7 @@ class EvalSettings:
     k: int = 1
     seeds: list[int] = field(default_factory=lambda: [0])
     threshold: float | str = "auto"
-    ratio: float = 0.95
+    ratio: float = 0.98
     alpha: float = 0.05
     iou: float = 0.5
     thresholds: np.ndarray = field(default_factory=lambda: SWEEP.copy())
@@ -918,8 +919,8 @@ def evaluate(lset: LabelledSet, cfg: AgentConfig, settings: EvalSettings) -> tup
     for e in settings.entries:
         results[e], scored[e] = evaluate_entry(ev, e)
     loco = {}
-    if settings.loco:
-        for e in settings.entries:
+    if settings.loco:  # for the first entry (the configuration's encoder in `stm-agent evaluate`)
+        for e in settings.entries[:1]:
             if e == RELEASED:
                 continue
             r = leave_one_class_out(ev, e)

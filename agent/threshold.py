@@ -37,7 +37,7 @@ from stm_agent.agent.match import RefEmbeddings
 #: conformal level: the share of background windows allowed to pass as a species
 ALPHA = 0.05
 #: distance ratio of the best to the second-best species (1 = off)
-RATIO = 0.95
+RATIO = 0.98
 #: at most this many background windows per frame
 N_NULL = 48
 

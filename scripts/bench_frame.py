@@ -56,6 +56,7 @@ from stm_agent.agent.config import AgentConfig  # noqa: E402
 from stm_agent.agent.match import assign, species_scores  # noqa: E402
 from stm_agent.agent.normalise import normalise_crops  # noqa: E402
 from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at  # noqa: E402
+from stm_agent.agent.references import object_extent_nm, window_nm  # noqa: E402
 
 DATA = REPO / ".." / "shared" / "data" / "sxm"
 PIXEL_NM = 0.1
@@ -172,14 +173,16 @@ def bench_frame(path: Path, rec: Recognizer, pub: Publisher, sub: Subscriber, re
         if baseline:  # the same crops, one at a time
             image, regions = res.image, res.detections
             centres = np.array([d.centroid_px for d in regions], np.float64).reshape(-1, 2)
-            grey = normalise_crops(image, centres, rec.refs.window_nm, scan.pixel_size_nm, rec.cfg.normalise)
+            wins = window_nm(object_extent_nm([d.bbox_px for d in regions], scan.pixel_size_nm), rec.cfg.normalise)
+            grey = normalise_crops(image, centres, wins, scan.pixel_size_nm, rec.cfg.normalise)
+            t_used = res.encoder["threshold"]["value"]
             if cache is not None:
                 cache.clear()
             t4 = time.perf_counter()
             for g in grey:
                 e = rec.encoder.embed(g[None])
                 s, b = species_scores(e, rec.refs)
-                assign(s, b, rec.refs, rec.cfg.match.threshold)
+                assign(s, b, rec.refs, t_used)
             base.append((time.perf_counter() - t4) * 1e3)
     med = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
     t5 = time.perf_counter()  # the same frame again, crop embeddings cached

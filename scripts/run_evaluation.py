@@ -1,12 +1,13 @@
-"""Run `stm-agent evaluate` on every labelled set and regenerate docs/results.md.
+"""Run `stm-agent evaluate` on every shared labelled set in one run and regenerate docs/results.md.
 
 Writes docs/results/<run>.json + PNGs (confusion per entry, F1-vs-threshold sweep), then runs
-scripts/results_md.py. Settings are the defaults of config/default.yaml for every set, with ONE
-documented exception: the F-HPB runs are repeated with `normalise.mirror=false` (the user knows the
-set is chiral; the default mirror=true run is reported too). CLIP runs use a tiny random-weight
-model exported here (models.export.TINY_TEST_CONFIG, pretrained=None): a path check, not a result.
+scripts/results_md.py. The DEFAULT configuration (config/default.yaml) for every set: no per-set
+setting. Entries: the default encoder (pixel), zernike and unimr-as-released side by side; K = 1;
+--seeds draws (10). End to end on the image sets, recognition-only (labelled boxes, and the crop
+sets) with leave-one-class-out on sets of >= 2 classes. Optional (--clip): CLIP runs with a tiny
+random-weight model exported here (models.export.TINY_TEST_CONFIG): a path check, not a result.
 
-Usage: nice python scripts/run_evaluation.py [--seeds 10] [--quick]
+Usage: nice python scripts/run_evaluation.py [--seeds 10] [--quick] [--only RUN ...] [--clip]
 """
 
 from __future__ import annotations
@@ -27,36 +28,31 @@ from stm_agent.agent.cli_evaluate import evaluate  # noqa: E402
 
 DATA = (REPO / ".." / "shared" / "data" / "labelled").resolve()
 OUT = REPO / "docs" / "results"
-MAIN = "pixel,zernike,auto,unimr-as-released"
+MAIN = "pixel,zernike,unimr-as-released"
 
-#: (run name, set folder, mode, entries, extra CLI args)
+#: (run name, set folder, mode, entries) -- every shared labelled set, default configuration
 RUNS = [
-    ("sparse_e2e", "sparse", "end-to-end", MAIN, []),
-    ("sparse_rec", "sparse", "recognition", MAIN, []),
-    ("fhpb_e2e", "fhpb", "end-to-end", MAIN, []),
-    ("fhpb_e2e_nomirror", "fhpb", "end-to-end", MAIN, ["--set", "normalise.mirror=false"]),
-    ("fhpb_rec", "fhpb", "recognition", MAIN, []),
-    ("fhpb_rec_nomirror", "fhpb", "recognition", MAIN, ["--set", "normalise.mirror=false"]),
-    ("crops_FHPB", "crops/FHPB", "recognition", MAIN, []),
-    ("crops_FHPB_nomirror", "crops/FHPB", "recognition", MAIN, ["--set", "normalise.mirror=false"]),
-    ("crops_Monoradical", "crops/Monoradical", "recognition", MAIN, []),
-    ("wse2_e2e", "wse2_defects", "end-to-end", MAIN + ",pixel+descriptors", []),
-    ("wse2_rec", "wse2_defects", "recognition", MAIN, []),
+    ("sparse_e2e", "sparse", "end-to-end", MAIN),
+    ("sparse_rec", "sparse", "recognition", MAIN),
+    ("fhpb_e2e", "fhpb", "end-to-end", MAIN),
+    ("fhpb_rec", "fhpb", "recognition", MAIN),
+    ("crops_FHPB", "crops/FHPB", "recognition", MAIN),
+    ("crops_Monoradical", "crops/Monoradical", "recognition", MAIN),
+    ("wse2_e2e", "wse2_defects", "end-to-end", MAIN),
+    ("wse2_rec", "wse2_defects", "recognition", MAIN),
 ]
 CLIP_RUNS = [
     ("sparse_rec_cliprandom", "sparse", "recognition"),
     ("fhpb_rec_cliprandom", "fhpb", "recognition"),
     ("crops_FHPB_cliprandom", "crops/FHPB", "recognition"),
-    ("crops_Monoradical_cliprandom", "crops/Monoradical", "recognition"),
-    ("wse2_rec_cliprandom", "wse2_defects", "recognition"),
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--clip", action="store_true", help="also the random-weight CLIP path checks")
     ap.add_argument("--clip-seeds", type=int, default=3)
-    ap.add_argument("--wse2-seeds", type=int, default=5, help="draws on wse2_defects (725 boxes, ~2600 regions: slow)")
     ap.add_argument("--only", nargs="*", help="run only these run names (then regenerate results.md)")
     ap.add_argument("--quick", action="store_true", help="2 seeds, 3 images per set (smoke run)")
     a = ap.parse_args(argv)
@@ -76,21 +72,21 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{name} failed: {r.exception!r}")
         print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
 
-    for name, folder, mode, entries, extra in RUNS:
+    for name, folder, mode, entries in RUNS:
         if a.only and name not in a.only:
             continue
-        n = min(seeds, a.wse2_seeds) if folder == "wse2_defects" else seeds
-        run(name, [str(DATA / folder), "--mode", mode, "--compare", entries, "--seeds", str(n), *extra])
-    with tempfile.TemporaryDirectory() as tmp:
-        from stm_agent.models.export import TINY_TEST_CONFIG, export_clip
+        run(name, [str(DATA / folder), "--mode", mode, "--compare", entries, "--seeds", str(seeds)])
+    if a.clip:
+        with tempfile.TemporaryDirectory() as tmp:
+            from stm_agent.models.export import TINY_TEST_CONFIG, export_clip
 
-        mdir = Path(tmp) / "tiny-clip-random"
-        export_clip("tiny-eval-random", None, mdir, model_cfg=TINY_TEST_CONFIG)
-        for name, folder, mode in CLIP_RUNS:
-            if a.only and name not in a.only:
-                continue
-            run(name, [str(DATA / folder), "--mode", mode, "--compare", "clip", "--model-dir", str(mdir),
-                       "--seeds", str(min(seeds, a.clip_seeds))])
+            mdir = Path(tmp) / "tiny-clip-random"
+            export_clip("tiny-eval-random", None, mdir, model_cfg=TINY_TEST_CONFIG)
+            for name, folder, mode in CLIP_RUNS:
+                if a.only and name not in a.only:
+                    continue
+                run(name, [str(DATA / folder), "--mode", mode, "--compare", "clip", "--model-dir", str(mdir),
+                           "--seeds", str(min(seeds, a.clip_seeds))])
     subprocess.run([sys.executable, str(REPO / "scripts" / "results_md.py")], check=True)
     big = [p for p in OUT.glob("*.png") if p.stat().st_size > 200_000]
     if big:

@@ -92,7 +92,7 @@ def test_the_background_threshold_alone_and_a_fixed_number(au_library):
     fixed = cfg.model_copy(deep=True)
     fixed.match.threshold = 0.99
     res = Recognizer.from_config(fixed).recognise(scan)
-    assert res.encoder["threshold"] == {"mode": "fixed", "value": 0.99, "method": "fixed", "ratio": 0.95}
+    assert res.encoder["threshold"] == {"mode": "fixed", "value": 0.99, "method": "fixed", "ratio": 0.98}
     assert all(d.species == OTHER for d in res.detections if d.similarity < 0.99)
 
 
