@@ -77,12 +77,7 @@ def crop_windows(
         raise ValueError(f"window_nm (one, or one per centre) and pixel size must be positive, got {window_nm}, "
                          f"{pixel_size_nm}")
     if wins.size:
-        wmax = float(wins.max())
-        side_x, side_y = wmax / dx, wmax / dy  # floats: may be inf for absurd pixel sizes
-        if not (math.isfinite(side_x) and math.isfinite(side_y)) or max(side_x, side_y) > MAX_WINDOW_PX:
-            raise ScanGeometryError(
-                "crop window", f"the {wmax:.3g} nm window is {side_x:.3g} x {side_y:.3g} px at a pixel "
-                f"size of {dx:.3g} x {dy:.3g} nm: more than {MAX_WINDOW_PX} px (is the scan range in the header right?)")
+        check_window_px(float(wins.max()), (dx, dy), "crop window")
     if not np.isfinite(cen).all():
         raise ScanGeometryError("crop window", "an object centre is not a finite pixel position")
     img, _ = fill_nan(np.asarray(image, dtype=np.float32))
@@ -93,6 +88,24 @@ def crop_windows(
         interp = cv2.INTER_AREA if (wx > size_px or wy > size_px) else cv2.INTER_LINEAR
         out[i] = cv2.resize(patch, (size_px, size_px), interpolation=interp)
     return out
+
+
+def check_window_px(window_nm: float, pixel_size_nm: tuple[float, float], what: str = "reference window") -> None:
+    """Refuse a window that spans more than :data:`MAX_WINDOW_PX` pixels at this pixel size.
+
+    Raises
+    ------
+    ScanGeometryError
+        The window (nm) is more than ``MAX_WINDOW_PX`` pixels wide or tall, or not finite (checked
+        before anything is allocated: an absurd scan range in a header must not allocate without bound).
+    """
+    dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
+    with np.errstate(divide="ignore", over="ignore"):
+        side_x, side_y = window_nm / dx, window_nm / dy  # floats: may be inf for absurd pixel sizes
+    if not (math.isfinite(side_x) and math.isfinite(side_y)) or max(side_x, side_y) > MAX_WINDOW_PX:
+        raise ScanGeometryError(
+            "crop window", f"the {window_nm:.3g} nm {what} is {side_x:.3g} x {side_y:.3g} px at a pixel "
+            f"size of {dx:.3g} x {dy:.3g} nm: more than {MAX_WINDOW_PX} px (is the scan range in the header right?)")
 
 
 def frame_range(image: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0) -> tuple[float, float]:

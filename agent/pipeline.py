@@ -24,7 +24,7 @@ from stm_agent.agent.domain import OTHER, Detection, FrameResult, Scan
 from stm_agent.agent.errors import EmptyScanError, NoObjectError, ReferenceLibraryError
 from stm_agent.agent.flatten import fill_nan, flatten
 from stm_agent.agent.match import RefEmbeddings, assign, size_gate, species_scores
-from stm_agent.agent.normalise import frame_range, normalise_crops
+from stm_agent.agent.normalise import check_window_px, frame_range, normalise_crops
 from stm_agent.agent.references import object_extent_nm, window_nm
 from stm_agent.agent.segment import Region
 from stm_agent.agent.templates import Template
@@ -473,6 +473,8 @@ class Recognizer:
         if cinfo.get("warning"):
             report.note = f"{report.note}; {cinfo['warning']}" if report.note else cinfo["warning"]
         t2 = time.perf_counter()
+        if self.refs.species:  # the references' windows (background null) must fit this frame's pixels
+            check_window_px(float(self.refs.window_nm), scan.pixel_size_nm, "reference window")
         centres = np.array([r.centroid_px for r in regions], dtype=np.float64).reshape(-1, 2)
         boxes = np.array([r.bbox_px for r in regions], dtype=np.float64).reshape(-1, 4)
         if self.refs.species:  # each object cropped once, its window from its own extent
