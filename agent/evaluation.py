@@ -342,6 +342,11 @@ def _candidates(cfg: AgentConfig) -> list[str]:
     return ["pixel", "clip" if cfg.encoder.model_dir is not None else "zernike"]
 
 
+def ref_recs_key(objs: list[tuple[int, int]]) -> tuple:
+    """Cache key of a draw's references (their (image, box) indices)."""
+    return tuple((int(a), int(b)) for a, b in objs)
+
+
 def released_regions(image: np.ndarray, k_sd: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The released UniMR GUI's segmentation (kept as released whatever our default becomes).
 
@@ -450,12 +455,14 @@ class Evaluator:
                                      plane=self.cfg.flatten.plane, rows=self.cfg.flatten.rows)
         return self._det[key]
 
-    def detections(self, i: int, released: bool = False, extents_nm: tuple[float, ...] | None = None) -> tuple:
+    def detections(self, i: int, released: bool = False, refs: tuple | None = None) -> tuple:
         """``(image, det_boxes (N,4), centroids (N,2), edge (N,), match (N,), gt_border (K,))``:
-        our detection (:func:`agent.pipeline.detect`, given the references' extents as the pipeline
-        gives its library's: the object-size prior of a reference-guided detector) or, ``released``,
-        :func:`released_regions`. Cached per image (and extents)."""
-        ext = None if (released or not extents_nm) else tuple(round(float(e), 6) for e in extents_nm)
+        our detection (:func:`agent.pipeline.detect`, given the draw's references as the pipeline
+        gives its library's: their extents (the object-size prior) and crops (the template
+        detector)) or, ``released``, :func:`released_regions`. Cached per image (and draw).
+
+        ``refs``: ``(key, list[Reference])`` of the draw, None without references."""
+        ext = None if (released or not refs) else refs[0]
         key = ("released", i) if released else (i, ext)
         if key not in self._det:
             im = self.images[i]
@@ -466,7 +473,14 @@ class Evaluator:
                 from stm_agent.agent.pipeline import detect
 
                 scan = image_scan(im.path, self.pixel_size(i))
-                image, regions = detect(scan, self.cfg, list(ext) if ext else None)
+                if ext:
+                    from stm_agent.agent.templates import Template
+
+                    rs = refs[1]
+                    image, regions = detect(scan, self.cfg, [r.extent_nm for r in rs], None,
+                                            [Template(r.species, r.crop, r.pixel_size_nm, r.extent_nm) for r in rs])
+                else:
+                    image, regions = detect(scan, self.cfg)
                 db = np.array([r.bbox_px for r in regions], np.float64).reshape(-1, 4)
                 dc = np.array([r.centroid_px for r in regions], np.float64).reshape(-1, 2)
                 edge = np.array([r.touches_edge for r in regions], bool)
@@ -681,7 +695,7 @@ class Evaluator:
             return self._bbox_grey(image, boxes), ("bbox", i), image, boxes
         ps = self.pixel_size(i)
         wins = window_nm(object_extent_nm(boxes, (ps, ps)), self.cfg.normalise)
-        key = ("own", i) if self.mode != "end-to-end" else ("own", i, ext)
+        key = ("own", i) if self.mode != "end-to-end" else ("own", i, ext[0] if ext else None)
         return normalise_crops(image, cen, wins, (ps, ps), self.cfg.normalise), key, image, boxes
 
     # -- one entry, one draw
@@ -740,7 +754,7 @@ class Evaluator:
         if not released and ref_species and not self.crops_mode:  # the size prior of the detector
             if refs is None:
                 refs = self.references_at_boxes(ref_objs)
-            ext = tuple(r.extent_nm for r in refs)
+            ext = (("library",) if self.s.references is not None else ref_recs_key(ref_objs), refs)
         for i in groups:
             q_idx, q_true, q_obj, miss_rows = self._queries(i, ref_set, released, ext)
             grey_all, key, image, boxes = self._group_grey(i, released, ext)

@@ -50,47 +50,44 @@ def test_background_windows_avoid_objects():
 
 
 @pytest.fixture(scope="module")
-def tcne_library(tmp_path_factory, sxm_dir):
-    """One reference: a TCNE molecule of the 4 nm Cu(111) scan (the larger of its two whole ones)."""
-    scan = read_sxm(sxm_dir / "cu111_tcne_molecules_4nm_256_up.sxm")
+def au_library(tmp_path_factory, sxm_dir):
+    """One reference: the largest whole adsorbate of the Au(111) scan."""
+    scan = read_sxm(sxm_dir / "au111_adsorbates_10nm_256_up.sxm")
     cfg = AgentConfig()
-    cfg.references.folder = tmp_path_factory.mktemp("tcne") / "refs"
+    cfg.references.folder = tmp_path_factory.mktemp("au") / "refs"
     _, regions = detect(scan, cfg)
     inner = sorted((r for r in regions if not r.touches_edge), key=lambda r: -r.area_px)
     ref = inner[0]
     crop, ps, prov = reference_crop_at(scan, *ref.centroid_px, cfg, units="px")
-    ReferenceLibrary(cfg.references.folder).add("TCNE", crop, ps, prov)
+    ReferenceLibrary(cfg.references.folder).add("Au_adsorbate", crop, ps, prov)
     return cfg, scan, ref
 
 
-def test_auto_threshold_accepts_its_species_and_rejects_another(tcne_library, sxm_dir):
-    """The reference's own species, in objects OTHER than the reference crop, is accepted: the other
-    TCNE of the scan (similarity 0.96 against a threshold of 0.71 from 48 background windows) and the
-    TCNE molecules of another scan (graphene monolayer, 30 of 31; no background window there: ratio
-    test only). Another species, the Au(111) adsorbates, comes out `other`. Measured: that rejection
-    is the size gate's (the adsorbates are found at 1.37 nm against 0.64 nm for the TCNE reference);
-    the background threshold alone (0.61 on that frame) would accept them (similarities 0.75-0.86):
-    pixel cosines of compact molecules windowed at their own size are high across species."""
-    cfg, scan, ref = tcne_library
+def test_auto_threshold_accepts_its_species_and_rejects_another(au_library, sxm_dir):
+    """The reference's own species, in objects OTHER than the reference crop, is accepted (the other
+    whole adsorbates of the scan: similarity >= 0.95 against a threshold set by the background
+    windows); TCNE molecules (the 4 nm Cu(111) scan, the graphene monolayer) come out `other`.
+    Measured: that rejection is mostly the size gate's (TCNE found at 1.5 nm against 2.6 nm);
+    the background threshold alone does not reject a compact molecule of another species: TCNE of
+    the 6 nm Cu(111) scan, found at 2.0-2.4 nm, is taken for the adsorbate (2 of 3)."""
+    cfg, scan, ref = au_library
     rec = Recognizer.from_config(cfg)
     res = rec.recognise(scan)
     thr = res.encoder["threshold"]
-    assert thr["mode"] == "auto" and thr["method"] == "conformal background" and thr["n_null"] >= 19
+    assert thr["mode"] == "auto" and thr["method"] == "conformal background" and thr["n_null"] >= 5
     others = [d for d in res.detections if not d.touches_edge
               and np.hypot(d.centroid_px[0] - ref.centroid_px[0], d.centroid_px[1] - ref.centroid_px[1]) > 5]
     assert len(others) >= 1
-    assert all(d.species == "TCNE" and d.similarity >= thr["value"] for d in others)
-    mono = rec.recognise(read_sxm(sxm_dir / "graphene_tcne_monolayer_4nm_256_down.sxm"))
-    print("graphene TCNE monolayer", mono.counts, mono.encoder["threshold"])
-    assert mono.counts["TCNE"] >= 0.8 * mono.n_objects
-    au = rec.recognise(read_sxm(sxm_dir / "au111_adsorbates_10nm_256_up.sxm"))
-    counted = [d for d in au.detections if not d.touches_edge]
-    print("Au(111) adsorbates", au.counts, au.encoder["threshold"])
-    assert counted and au.counts["TCNE"] == 0 and au.counts[OTHER] == len(counted)
+    assert all(d.species == "Au_adsorbate" and d.similarity >= thr["value"] for d in others)
+    for name in ("cu111_tcne_molecules_4nm_256_up.sxm", "graphene_tcne_monolayer_4nm_256_down.sxm"):
+        other = rec.recognise(read_sxm(sxm_dir / name))
+        counted = [d for d in other.detections if not d.touches_edge]
+        print(name, other.counts, other.encoder["threshold"])
+        assert counted and other.counts["Au_adsorbate"] == 0 and other.counts[OTHER] == len(counted)
 
 
-def test_a_fixed_number(tcne_library):
-    cfg, scan, _ = tcne_library
+def test_a_fixed_number(au_library):
+    cfg, scan, _ = au_library
     fixed = cfg.model_copy(deep=True)
     fixed.match.threshold = 0.99
     res = Recognizer.from_config(fixed).recognise(scan)
