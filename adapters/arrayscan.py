@@ -24,9 +24,10 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from stm_agent.adapters.sxm import MAX_SIDE_PX
 from stm_agent.adapters.zmq_io import encode
@@ -48,7 +49,6 @@ __all__ = [
 #: The topics of the controller feed.
 TOPICS = ("scan.sxm", "scan.array", "scan.saved")
 
-_SCAN_DIRECTIONS = ("up", "down", "unknown")
 _REL_TOL = 1e-6  # pixel_size_nm and range_nm given together must agree this closely
 
 
@@ -117,46 +117,54 @@ class ArrayHeader:
         return self.shape[0] * self.shape[1] * self.dtype.itemsize
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+_Positive = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
+_Side = Annotated[int, Field(strict=True, gt=0, le=MAX_SIDE_PX)]
 
 
-def _number(meta: dict, key: str, source: str, *, default: float | None = None, positive: bool = False) -> float | None:
-    v = meta.get(key)
-    if v is None:
-        return default
-    if not _is_number(v) or (positive and v <= 0):
-        what = "a finite number > 0" if positive else "a finite number"
-        raise ArrayHeaderError(source, key, f"header field {key!r} must be {what}, got {v!r}")
-    return float(v)
+class _HeaderFields(BaseModel):
+    """The fields of a ``scan.array`` header, typed (pydantic, strict: no "1" for 1, no True for 1,
+    no NaN). ``None`` means absent. Cross-field rules (pixel size vs range) are checked after."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    shape: tuple[_Side, _Side]
+    dtype: StrictStr
+    channel: Annotated[StrictStr, Field(min_length=1)] | None = None
+    direction: Literal["forward", "backward"] | None = None
+    unit: StrictStr | None = None
+    pixel_size_nm: tuple[_Positive, _Positive] | _Positive | None = None
+    range_nm: tuple[_Positive, _Positive] | None = None
+    offset_nm: tuple[_Finite, _Finite] | None = None
+    angle_deg: _Finite | None = None
+    scan_direction: Literal["up", "down", "unknown"] | None = None
+    bias_V: _Finite | None = None
+    setpoint_A: _Finite | None = None
+    acquired_at: StrictStr | None = None
+    acquisition_time_s: _Finite | None = None
+    name: StrictStr | None = None
+    comment: StrictStr | None = None
 
 
-def _pair(meta: dict, key: str, source: str, *, positive: bool, allow_scalar: bool = False) -> tuple[float, float] | None:
-    v = meta.get(key)
-    if v is None:
-        return None
-    if allow_scalar and _is_number(v):
-        v = [v, v]
-    if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) for x in v)) or (
-        positive and not all(x > 0 for x in v)
-    ):
-        what = "numbers > 0" if positive else "finite numbers"
-        scalar = "a number or " if allow_scalar else ""
-        raise ArrayHeaderError(source, key, f"header field {key!r} must be {scalar}a list of two {what}, got {v!r}")
-    return float(v[0]), float(v[1])
-
-
-def _text(meta: dict, key: str, source: str, default: str) -> str:
-    v = meta.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, str):
-        raise ArrayHeaderError(source, key, f"header field {key!r} must be text, got {v!r}")
-    return v
+_EXPECTED = {
+    "shape": f"[ny, nx], two integers in 1..{MAX_SIDE_PX}",
+    "pixel_size_nm": "a number > 0 or a list of two numbers > 0 (nm)",
+    "range_nm": "a list of two numbers > 0 (nm)",
+    "offset_nm": "a list of two finite numbers (nm)",
+    "direction": "'forward' or 'backward'",
+    "scan_direction": "up, down or unknown",
+    "channel": "non-empty text",
+    **{k: "a finite number" for k in ("angle_deg", "bias_V", "setpoint_A", "acquisition_time_s")},
+    "dtype": "a numpy dtype string such as '<f4'",
+    **{k: "text" for k in ("unit", "acquired_at", "name", "comment")},
+}
 
 
 def validate_array_header(meta: Any, payload_size: int | None = None, *, source: str = "scan.array") -> ArrayHeader:
     """Check a ``scan.array`` header (and the payload length) and return its parsed values.
+
+    The field types are one pydantic model (strict: numbers must be JSON numbers, finite); the
+    rules between fields (pixel size or range, and they agree) and the payload length follow.
 
     Parameters
     ----------
@@ -185,37 +193,24 @@ def validate_array_header(meta: Any, payload_size: int | None = None, *, source:
     """
     if not isinstance(meta, dict):
         raise ArrayHeaderError(source, "header", f"header must be a JSON object, got {type(meta).__name__}")
-    shape = meta.get("shape")
-    if shape is None:
-        raise ArrayHeaderError(source, "shape", "header field 'shape' [ny, nx] is missing")
-    if not (
-        isinstance(shape, (list, tuple)) and len(shape) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_SIDE_PX for s in shape)
-    ):
-        raise ArrayHeaderError(source, "shape", f"header field 'shape' must be [ny, nx], two integers in 1..{MAX_SIDE_PX}, got {shape!r}")
-    ny, nx = int(shape[0]), int(shape[1])
-
-    dt = meta.get("dtype")
-    if dt is None:
-        raise ArrayHeaderError(source, "dtype", "header field 'dtype' is missing")
     try:
-        if not isinstance(dt, str):
-            raise TypeError
-        dtype = np.dtype(dt)
+        f = _HeaderFields.model_validate(meta)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0])
+        if err["type"] == "missing" and len(err["loc"]) == 1:
+            raise ArrayHeaderError(source, key, f"header field {key!r} is missing") from None
+        raise ArrayHeaderError(source, key, f"header field {key!r} must be {_EXPECTED[key]}, got {meta.get(key)!r}") from None
+    ny, nx = f.shape
+    try:
+        dtype = np.dtype(f.dtype)
     except (TypeError, ValueError):
-        raise ArrayHeaderError(source, "dtype", f"header field 'dtype' is not a numpy dtype string: {dt!r}") from None
+        raise ArrayHeaderError(source, "dtype", f"header field 'dtype' is not a numpy dtype string: {f.dtype!r}") from None
     if dtype.kind not in "iuf" or dtype.itemsize > 8 or dtype.fields is not None or dtype.subdtype is not None:
-        raise ArrayHeaderError(source, "dtype", f"header field 'dtype' must be an integer or float type, got {dt!r}")
+        raise ArrayHeaderError(source, "dtype", f"header field 'dtype' must be an integer or float type, got {f.dtype!r}")
 
-    channel = _text(meta, "channel", source, "Z")
-    if not channel:
-        raise ArrayHeaderError(source, "channel", "header field 'channel' must not be empty")
-    direction = _text(meta, "direction", source, "forward")
-    if direction not in ("forward", "backward"):
-        raise ArrayHeaderError(source, "direction", f"header field 'direction' must be 'forward' or 'backward', got {direction!r}")
-
-    px = _pair(meta, "pixel_size_nm", source, positive=True, allow_scalar=True)
-    rng = _pair(meta, "range_nm", source, positive=True)
+    px = (f.pixel_size_nm, f.pixel_size_nm) if isinstance(f.pixel_size_nm, float) else f.pixel_size_nm
+    rng = f.range_nm
     if px is None and rng is None:
         raise ArrayHeaderError(source, "pixel_size_nm", "header needs 'pixel_size_nm' (nm per pixel) or 'range_nm' [w, h] (nm)")
     if px is not None:
@@ -225,39 +220,31 @@ def validate_array_header(meta: Any, payload_size: int | None = None, *, source:
                                    f"{list(px)} x shape {[ny, nx]} = {list(from_px)} disagree")
         rng = from_px
     assert rng is not None
-    px = (rng[0] / nx, rng[1] / ny)
-
-    offset = _pair(meta, "offset_nm", source, positive=False) or (0.0, 0.0)
-    sdir = _text(meta, "scan_direction", source, "unknown")
-    if sdir not in _SCAN_DIRECTIONS:
-        raise ArrayHeaderError(source, "scan_direction", f"header field 'scan_direction' must be up, down or unknown, got {sdir!r}")
     acquired_at = None
-    raw_t = meta.get("acquired_at")
-    if raw_t is not None:
+    if f.acquired_at is not None:
         try:
-            if not isinstance(raw_t, str):
-                raise TypeError
-            acquired_at = datetime.fromisoformat(raw_t)
-        except (TypeError, ValueError):
-            raise ArrayHeaderError(source, "acquired_at", f"header field 'acquired_at' is not an ISO 8601 time: {raw_t!r}") from None
+            acquired_at = datetime.fromisoformat(f.acquired_at)
+        except ValueError:
+            raise ArrayHeaderError(source, "acquired_at",
+                                   f"header field 'acquired_at' is not an ISO 8601 time: {f.acquired_at!r}") from None
 
     header = ArrayHeader(
         shape=(ny, nx),
         dtype=dtype,
-        channel=channel,
-        direction=direction,
-        unit=_text(meta, "unit", source, "m"),
-        pixel_size_nm=px,
+        channel=f.channel or "Z",
+        direction=f.direction or "forward",
+        unit=f.unit if f.unit is not None else "m",
+        pixel_size_nm=(rng[0] / nx, rng[1] / ny),
         range_nm=(float(rng[0]), float(rng[1])),
-        offset_nm=offset,
-        angle_deg=_number(meta, "angle_deg", source, default=0.0) or 0.0,
-        scan_direction=sdir,
-        bias_V=_number(meta, "bias_V", source),
-        setpoint_A=_number(meta, "setpoint_A", source),
+        offset_nm=f.offset_nm or (0.0, 0.0),
+        angle_deg=f.angle_deg or 0.0,
+        scan_direction=f.scan_direction or "unknown",
+        bias_V=f.bias_V,
+        setpoint_A=f.setpoint_A,
         acquired_at=acquired_at,
-        acquisition_time_s=_number(meta, "acquisition_time_s", source),
-        name=_text(meta, "name", source, ""),
-        comment=_text(meta, "comment", source, ""),
+        acquisition_time_s=f.acquisition_time_s,
+        name=f.name or "",
+        comment=f.comment or "",
     )
     if payload_size is not None and payload_size != header.nbytes:
         raise ArrayHeaderError(
