@@ -83,6 +83,7 @@ class _Pending:
     last_sig: tuple[int, int] | None = None
     last_change: float = 0.0
     catch_up: bool = False
+    reported: bool = False  # "waiting for it to complete" logged once
 
 
 class _Handler(FileSystemEventHandler):
@@ -340,6 +341,12 @@ class FolderSource:
         finally:
             os.close(fd)
         waited = now - st.first_seen
+        if stable and not st.reported:  # stopped growing short of its size: say so now, not at the timeout
+            st.reported = True
+            have = f"{size} of the {expected} bytes its header announces" if expected is not None and expected >= 0 \
+                else f"{size} bytes, header not complete"
+            log.warning("%s: incomplete (%s), unchanged for %.0f s; waiting up to %.0f s for the rest",
+                        path, have, now - st.last_change, self.cfg.complete_timeout_s)
         if waited >= self.cfg.complete_timeout_s:
             if expected is None and path.suffix.lower() == ".sxm":
                 what = f"header not complete ({size} bytes)"

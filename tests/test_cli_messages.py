@@ -215,3 +215,31 @@ def test_evaluate_without_the_plots_extra(labelled_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     line = one_error_line(invoke("evaluate", str(labelled_dir / "sparse"), "--out", str(tmp_path / "ev")))
     assert 'pip install "stm-agent[plots]"' in line
+
+
+def test_truncated_file_is_reported_at_once_and_named_as_pending(sxm_dir, tmp_path, caplog):
+    """A scan that stops growing short of its size is logged when it stops (after settle_s), not
+    after complete_timeout_s (600 s by default); the folder source names it as pending."""
+    import logging
+    import time
+
+    from stm_agent.adapters.folder import FolderSource
+    from stm_agent.agent.config import AcquisitionConfig
+
+    caplog.set_level(logging.WARNING, logger="stm_agent.adapters.folder")
+    acq = tmp_path / "acq"
+    acq.mkdir()
+    data = (sxm_dir / SMALL).read_bytes()
+    src = FolderSource(AcquisitionConfig(folder=acq, settle_s=0.3, complete_timeout_s=600), check_interval_s=0.05)
+    src.start()
+    try:
+        (acq / "cut [1].sxm").write_bytes(data[: len(data) // 2])
+        end = time.monotonic() + 10
+        while "waiting up to 600 s" not in caplog.text and time.monotonic() < end:
+            time.sleep(0.05)
+        assert f"cut [1].sxm: incomplete ({len(data) // 2} of the {len(data)} bytes its header announces)" \
+            in caplog.text, caplog.text
+        assert [p.name for p in src.pending()] == ["cut [1].sxm"]
+        assert caplog.text.count("incomplete (") == 1  # once, not at every check
+    finally:
+        src.stop()
