@@ -45,6 +45,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(pred, timeout: float = 5.0, interval: float = 0.01) -> bool:
+    """Poll ``pred()`` until it is true or ``timeout`` s have passed; the final value of ``pred()``.
+    (Waiting on a condition, not a fixed sleep: fast when it happens early, bounded when it never does.)"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
+
+
 def wait_connected(sub: Subscriber, timeout: float = 10.0) -> bool:
     """Wait until ``sub`` has completed its ZeroMQ handshake with a bound publisher (socket monitor
     event), instead of sleeping and hoping: messages published from then on reach it."""

@@ -16,32 +16,16 @@ import pytest
 from typer.testing import CliRunner
 
 from stm_agent.adapters.arrival import Arrival
-from stm_agent.adapters.references import ReferenceLibrary
-from stm_agent.adapters.scanfile import read_scan
 from stm_agent.adapters.store import ResultStore
 from stm_agent.agent.batch import STORE_NAME, BatchError, find_scans, run_batch
 from stm_agent.agent.config import AgentConfig
 from stm_agent.agent.daemon import Agent
-from stm_agent.agent.pipeline import detect, reference_crop_at
 
 REF_SCAN = "au111_adsorbates_10nm_256_up.sxm"
 
 
 def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def refs(sxm_dir, tmp_path_factory) -> Path:
-    """One-species library: the first whole adsorbate of the Au(111) scan (as test_daemon)."""
-    folder = tmp_path_factory.mktemp("refs")
-    scan = read_scan(sxm_dir / REF_SCAN)
-    cfg = AgentConfig()
-    _, regions = detect(scan, cfg)
-    reg = next(r for r in regions if not r.touches_edge)
-    crop, px, prov = reference_crop_at(scan, *reg.centroid_px, cfg, units="px")
-    ReferenceLibrary(folder).add("adsorbate", crop, px, prov)
-    return folder
 
 
 SXM = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sxm"

@@ -22,17 +22,11 @@ from stm_agent.adapters.sxm import read_sxm
 from stm_agent.agent.cli_feed import replay
 from stm_agent.agent.config import ControllerConfig
 from stm_agent.agent.errors import ConfigError
+from tests.helpers import wait_until
 
 SMALL = ["porphyrin_dimer_96_up_7ch.sxm", "hbn_point_defect_96x100_down.sxm", "moire_10nm_160_down.sxm"]
 
 
-def _wait(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 class Feed:
@@ -167,7 +161,7 @@ def test_duplicates_and_failing_submit(sxm_dir):
         f.send(encode_sxm_message(data, "a"))  # retried, accepted
         f.send(encode_sxm_message(data, "a"))  # repeat: duplicate
         f.send(encode_sxm_message(other, "b"))  # known to the store: duplicate
-        assert _wait(lambda: f.src.stats()["received"] == 4)
+        assert wait_until(lambda: f.src.stats()["received"] == 4)
         st = f.src.stats()
     assert len(calls) == 2
     assert st["submit_errors"] == 1 and st["submitted"] == 1 and st["duplicates"] == 2
@@ -249,7 +243,7 @@ def test_replay_without_unique_repeats_are_duplicates(sxm_dir, tmp_path):
             t0 = time.monotonic()
             sent = feed.run()
             assert time.monotonic() - t0 >= 0.02  # interval respected (frames at 0, 0.01, 0.02 s)
-            assert _wait(lambda: src.stats()["received"] == 3)
+            assert wait_until(lambda: src.stats()["received"] == 3)
             st = src.stats()
         finally:
             src.stop()

@@ -36,18 +36,11 @@ from stm_agent.agent.errors import (MissingChannelError, RefusedPathError, Refer
 from stm_agent.agent.normalise import crop_windows
 from stm_agent.agent.pipeline import Recognizer
 from tests.fake_nanonis import FakeNanonis
-from tests.helpers import OTHER, REF_SCAN, SMALL, Running, arrival, make_cfg, sha  # noqa: F401
+from tests.helpers import OTHER, REF_SCAN, SMALL, Running, arrival, make_cfg, sha, wait_until  # noqa: F401
 
 SECRET = b"TOPSECRET-d41d8cd98f00b204e9800998ecf8427e"
 
 
-def _wait(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _arrivals(q: queue.Queue, n: int, timeout: float = 10.0) -> list:
@@ -154,7 +147,7 @@ def test_scan_saved_outside_roots_is_refused_and_nothing_is_written_or_created(t
     before = sorted(p for p in tmp_path.rglob("*"))
     run = Running(Agent(cfg))
     try:
-        assert _wait(lambda: pub.poll(100) and pub.recv()[:1] == b"\x01", 10)  # the agent subscribed
+        assert wait_until(lambda: pub.poll(100) and pub.recv()[:1] == b"\x01", 10)  # the agent subscribed
         paths = [str(tmp_path / "acq" / ".." / "outside" / "secret.sxm"),
                  str(outside / "new" / "deep" / "dirs" / "anything.sxm"),
                  str(inside)]

@@ -15,18 +15,12 @@ from stm_agent.adapters.files import sha256_file
 from stm_agent.adapters.nanonis_tcp import NanonisClient, NanonisError, NanonisSource, pack_header, parse_wait_reply
 from stm_agent.agent.config import NanonisConfig
 from tests.fake_nanonis import FakeNanonis, wait_reply_body
+from tests.helpers import wait_until
 
 SCAN = "porphyrin_dimer_96_up_7ch.sxm"
 OTHER = "hbn_point_defect_96x100_down.sxm"
 
 
-def _wait(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 def _source(port, got, **kw):
@@ -73,14 +67,14 @@ def test_source_submits_scans_ignores_timeouts_counts_errors_and_reconnects(sxm_
         src = _source(fake.port, got)
         src.start()
         try:
-            assert _wait(lambda: src.stats()["connected"])
+            assert wait_until(lambda: src.stats()["connected"])
             fake.push_timeout()
             fake.push_path(str(a))
             first = got.get(timeout=5)
             fake.push_error("Scan not running")
-            assert _wait(lambda: src.stats()["errors"] == 1)
+            assert wait_until(lambda: src.stats()["errors"] == 1)
             fake.push_drop()  # the server closes the connection instead of replying
-            assert _wait(lambda: fake.connections == 2)
+            assert wait_until(lambda: fake.connections == 2)
             fake.push_path(str(b))
             second = got.get(timeout=5)
             st = src.stats()
@@ -111,7 +105,7 @@ def test_unreachable_logs_once_then_connects_when_nanonis_starts(sxm_dir, tmp_pa
         assert not st["connected"] and st["alive"]
         assert caplog.text.count("unreachable") == 1
         with FakeNanonis(port=port) as fake:  # Nanonis starts: the source connects and works
-            assert _wait(lambda: src.stats()["connected"])
+            assert wait_until(lambda: src.stats()["connected"])
             path = tmp_path / "s.sxm"
             shutil.copy(sxm_dir / SCAN, path)
             fake.push_path(str(path))

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from stm_agent.adapters.references import ReferenceLibrary
 from stm_agent.adapters.scanfile import read_scan
 from stm_agent.adapters.store import ResultStore
 from stm_agent.agent.config import AgentConfig
 from stm_agent.agent.errors import StoreError
-from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at
+from stm_agent.agent.pipeline import Recognizer
+
+from tests.helpers import build_refs
 
 SCAN = "au111_adsorbates_10nm_256_up.sxm"
 
@@ -25,17 +26,11 @@ SCAN = "au111_adsorbates_10nm_256_up.sxm"
 @pytest.fixture(scope="module")
 def real_results(sxm_dir: Path, tmp_path_factory) -> tuple[AgentConfig, list]:
     """Recognise two real scans with a one-species library picked from the first."""
-    refs = tmp_path_factory.mktemp("refs")
-    scan = read_scan(sxm_dir / SCAN)
-    cfg = AgentConfig()
-    _, regions = detect(scan, cfg)
-    reg = next(r for r in regions if not r.touches_edge)
-    crop, px, prov = reference_crop_at(scan, *reg.centroid_px, cfg, units="px")
-    ReferenceLibrary(refs).add("adsorbate", crop, px, prov)
+    refs = build_refs(sxm_dir, tmp_path_factory.mktemp("refs"))
     cfg = AgentConfig(references={"folder": str(refs)})
     rec = Recognizer.from_config(cfg)
     other = read_scan(sxm_dir / "cu111_tcne_molecules_6nm_256_up.sxm")
-    return cfg, [rec.recognise(scan), rec.recognise(other)]
+    return cfg, [rec.recognise(read_scan(sxm_dir / SCAN)), rec.recognise(other)]
 
 
 def test_record_roundtrip_and_idempotent(tmp_path, real_results, sxm_dir):
