@@ -356,3 +356,30 @@ def test_pickled_reference_is_a_clear_error(tmp_path):
     e = ReferenceEntry(species="x", path=p, pixel_size_nm=(0.1, 0.1), extent_nm=1.0, provenance={})
     with pytest.raises(ReferenceLibraryError, match="pickled"):
         e.load()
+
+
+def test_catch_up_with_a_fifo_already_there(tmp_path, sxm_dir):
+    """Files present at start go through the same safe checks: the FIFO is refused once (also after
+    a restart, when the store knows its refusal), the scan beside it is handed on."""
+    acq = tmp_path / "acq"
+    acq.mkdir()
+    os.mkfifo(acq / "a.sxm")
+    shutil.copy(sxm_dir / SMALL, acq / "b.sxm")
+    recorded: set[str] = set()
+    for run in range(2):
+        q: queue.Queue = queue.Queue()
+        src = FolderSource(AcquisitionConfig(folder=acq, settle_s=0.1), known=recorded.__contains__, out=q,
+                           check_interval_s=0.05)
+        src.start()
+        try:
+            items = _arrivals(q, 2, timeout=5 if run == 0 else 1.5)
+        finally:
+            src.stop()
+        if run == 0:
+            by_name = {a.path.name: a for a in items}
+            assert "FIFO" in by_name["a.sxm"].error and by_name["b.sxm"].error is None
+            assert by_name["b.sxm"].data == (sxm_dir / SMALL).read_bytes()  # read once, handed on
+            recorded |= {a.frame_id for a in items}
+            assert src.stats()["refused"] == 1
+        else:
+            assert items == [] and src.stats()["refused"] == 0
