@@ -9,6 +9,7 @@ stopped agent's store alike.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -23,6 +24,8 @@ from stm_agent.agent.triggers import frame_area_nm2
 
 __all__ = ["DashboardData", "DataError"]
 
+# species and reference ids as the library names them: no path separator, no leading dot
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _FRAME_COLS = "frame_id, name, path, source, processed_at, received_at, status, reason, counts, n_objects, scan, message"
 
 
@@ -200,9 +203,7 @@ class DashboardData:
         return out
 
     def _ref_file(self, species: str, ref_id: str, suffix: str) -> Path:
-        from stm_agent.adapters.references import _SPECIES_RE
-
-        if not _SPECIES_RE.match(species) or not _SPECIES_RE.match(ref_id):
+        if not _NAME_RE.match(species) or not _NAME_RE.match(ref_id):
             raise DataError("bad species or reference id", 400)
         p = self.refs / species / f"{ref_id}{suffix}"
         if not p.is_file():
