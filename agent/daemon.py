@@ -244,7 +244,9 @@ class Agent:
         """
         path = arrival.path
         new = False
-        if not self.store.has(arrival.frame_id):  # the one check before spooling; enqueue is atomic
+        # a payload is checked against the store before it is spooled; the enqueue itself is atomic
+        # (INSERT ... WHERE NOT EXISTS), so a file needs no separate check
+        if arrival.payload is None or not self.store.has(arrival.frame_id):
             if arrival.payload is not None:
                 path = self._spool(arrival)
             meta = dict(arrival.meta)
