@@ -70,11 +70,12 @@ from stm_agent.adapters.arrayscan import TOPICS, ArrayHeaderError, validate_arra
 from stm_agent.adapters.arrival import Arrival, now_utc
 from stm_agent.adapters.files import Roots, read_regular
 from stm_agent.adapters.ratelog import RateLimitedLog, clip
+from stm_agent.adapters.zmq_io import curve_client_keys
 from stm_agent.adapters.sxm import MAX_FILE_BYTES
 from stm_agent.agent.config import ControllerConfig
 from stm_agent.agent.errors import PublishError, RefusedPathError, StmAgentError
 
-__all__ = ["ControllerSource", "READY_EVERY_S", "effective_rcvhwm", "curve_client_keys"]
+__all__ = ["ControllerSource", "READY_EVERY_S", "effective_rcvhwm"]
 
 log = logging.getLogger(__name__)
 
@@ -91,27 +92,6 @@ def effective_rcvhwm(cfg: ControllerConfig) -> int:
     payloads of ``max_payload_mb`` each (at least 1 message)."""
     by_memory = int(cfg.max_queue_mb // cfg.max_payload_mb)
     return max(1, min(int(cfg.rcvhwm), by_memory))
-
-
-def curve_client_keys(server_key: str) -> tuple[bytes, bytes, bytes]:
-    """(server public, client public, client secret) Z85 keys for a CURVE client pinned to ``server_key``.
-
-    Raises
-    ------
-    PublishError
-        ``server_key`` is not a 40-character Z85 key, or libzmq was built without CURVE.
-    """
-    key = server_key.strip().encode("ascii", "replace")
-    try:
-        if len(key) != 40:
-            raise ValueError(f"{len(key)} characters")
-        zmq.utils.z85.decode(key)
-    except (ValueError, KeyError, IndexError) as exc:
-        raise PublishError("controller.curve_server_key", f"not a 40-character Z85 CURVE public key ({exc})") from None
-    if not zmq.has("curve"):
-        raise PublishError("controller.curve_server_key", "this libzmq has no CURVE support (libsodium)")
-    public, secret = zmq.curve_keypair()
-    return key, public, secret
 
 
 class _Unstored(Exception):
@@ -201,7 +181,10 @@ class ControllerSource:
         """
         if self._thread is not None and self._thread.is_alive():
             return
-        keys = curve_client_keys(self.cfg.curve_server_key) if self.cfg.curve_server_key else None
+        try:
+            keys = curve_client_keys(self.cfg.curve_server_key) if self.cfg.curve_server_key else None
+        except PublishError as exc:
+            raise PublishError("controller.curve_server_key", exc.reason) from None
         sock = self._ctx.socket(zmq.DEALER if self.ack else zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.setsockopt(zmq.MAXMSGSIZE, self._max_message)

@@ -15,6 +15,12 @@ Socket options are set deliberately:
 * ``LINGER``: how long unsent messages are kept on close; bounded so that stopping never hangs.
 * ``RCVHWM`` (subscriber): messages queued before the subscriber's side drops.
 
+CURVE (opening the publisher to the lab): ``Publisher(curve_secret_file=...)`` serves with the key
+pair of a ``zmq.auth`` certificate (encrypted, the agent proves who it is); with
+``curve_clients_dir`` only subscribers whose public certificate lies in that folder get in (a ZAP
+authenticator, :func:`curve_authenticator`). ``Subscriber(curve_server_key=...)`` pins the agent's
+public key (and gives its own certificate with ``curve_secret_file`` when the agent lists clients).
+
 The usual ZeroMQ "slow joiner" caveat applies: a subscriber that connects after a message was
 published never sees it; subscribers that must not miss the first frame wait for the periodic
 ``agent.heartbeat`` before they rely on the stream.
@@ -30,11 +36,13 @@ import time
 from typing import Any, Callable, Iterable
 
 import zmq
+from zmq.utils import z85
 
 from stm_agent.agent.errors import PublishError
 from stm_agent.agent.jsonsafe import jsonable
 
-__all__ = ["Publisher", "Subscriber", "SCHEMA", "encode", "decode"]
+__all__ = ["Publisher", "Subscriber", "SCHEMA", "encode", "decode", "load_curve_secret", "curve_authenticator",
+           "curve_client_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,81 @@ def decode(frames: list[bytes], source: str = "zmq") -> tuple[str, dict[str, Any
     return topic, msg
 
 
+def curve_client_keys(server_key: str) -> tuple[bytes, bytes, bytes]:
+    """(server public, client public, client secret) Z85 keys for a CURVE client pinned to ``server_key``.
+
+    Raises
+    ------
+    PublishError
+        ``server_key`` is not a 40-character Z85 key, or libzmq was built without CURVE.
+    """
+    key = server_key.strip().encode("ascii", "replace")
+    try:
+        if len(key) != 40:
+            raise ValueError(f"{len(key)} characters")
+        z85.decode(key)
+    except (KeyError, IndexError):
+        raise PublishError("curve server key", "not a 40-character Z85 CURVE public key (a character outside "
+                                               "the Z85 alphabet)") from None
+    except ValueError as exc:
+        raise PublishError("curve server key", f"not a 40-character Z85 CURVE public key ({exc})") from None
+    if not zmq.has("curve"):
+        raise PublishError("curve server key", "this libzmq has no CURVE support (libsodium)")
+    public, secret = zmq.curve_keypair()
+    return key, public, secret
+
+
+def load_curve_secret(path: Any) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys of a ``zmq.auth`` secret certificate.
+
+    Raises
+    ------
+    PublishError
+        The file cannot be read, is not a secret certificate, or libzmq has no CURVE.
+    """
+    from zmq import auth as zmq_auth
+
+    if not zmq.has("curve"):
+        raise PublishError(str(path), "this libzmq has no CURVE support (libsodium)")
+    try:
+        public, secret = zmq_auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise PublishError(str(path), f"cannot read the CURVE certificate ({exc})") from exc
+    if secret is None:
+        raise PublishError(str(path), "not a secret certificate (give the .key_secret file)")
+    return public, secret
+
+
+_AUTHENTICATORS: dict[int, Any] = {}
+_AUTH_LOCK = threading.Lock()
+
+
+def curve_authenticator(context: zmq.Context, clients_dir: Any) -> Any:
+    """Start (once per context) a ZAP authenticator that admits only the CURVE clients whose public
+    certificates (``*.key``, zmq.auth format) lie in ``clients_dir``.
+
+    Raises
+    ------
+    PublishError
+        ``clients_dir`` is not a folder.
+    """
+    from pathlib import Path
+
+    from zmq.auth.thread import ThreadAuthenticator
+
+    folder = Path(clients_dir)
+    if not folder.is_dir():
+        raise PublishError(str(folder), "publish.curve_clients_dir is not a folder of client certificates")
+    with _AUTH_LOCK:
+        auth = _AUTHENTICATORS.get(id(context))
+        if auth is None:
+            auth = ThreadAuthenticator(context, log=logging.getLogger(__name__ + ".zap"))
+            auth.start()
+            _AUTHENTICATORS[id(context)] = auth
+        auth.configure_curve(domain="*", location=str(folder))
+    return auth
+
+
 class Publisher:
     """A bound ZeroMQ PUB socket that sends JSON messages (thread-safe).
 
@@ -97,22 +180,37 @@ class Publisher:
         Source of sequence numbers (called under the publisher's lock, must increase); default
         1, 2, 3 ... for this publisher. The agent passes one backed by the results store, so that
         ``seq`` keeps increasing across restarts.
+    curve_secret_file : path, optional
+        Serve with CURVE using this ``zmq.auth`` secret certificate.
+    curve_clients_dir : path, optional
+        With CURVE: admit only the subscribers whose public certificates lie in this folder.
 
     Raises
     ------
     PublishError
-        The endpoint cannot be bound (address in use, malformed endpoint).
+        The endpoint cannot be bound (address in use, malformed endpoint), or a CURVE
+        certificate / client folder cannot be read.
     """
 
     def __init__(self, endpoint: str, sndhwm: int = 10000, linger_ms: int = 1000, agent_id: str = "stm-agent",
-                 context: zmq.Context | None = None, seq: Callable[[], int] | None = None):
+                 context: zmq.Context | None = None, seq: Callable[[], int] | None = None,
+                 curve_secret_file: Any = None, curve_clients_dir: Any = None):
         self.agent_id = agent_id
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()
         self._next_seq = seq if seq is not None else itertools.count(1).__next__
+        keys = load_curve_secret(curve_secret_file) if curve_secret_file is not None else None
+        if curve_clients_dir is not None:
+            if keys is None:
+                raise PublishError(endpoint, "publish.curve_clients_dir needs publish.curve_secret_file")
+            curve_authenticator(self._ctx, curve_clients_dir)
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, int(sndhwm))
         self._sock.setsockopt(zmq.LINGER, int(linger_ms))
+        if keys is not None:
+            self._sock.curve_server = True
+            self._sock.curve_publickey, self._sock.curve_secretkey = keys
+        self.curve_public_key: str | None = keys[0].decode("ascii") if keys else None
         try:
             self._sock.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -174,20 +272,34 @@ class Subscriber:
     rcvhwm : int
         ZMQ_RCVHWM, messages queued on the subscriber's side.
     context : zmq.Context, optional
+    curve_server_key : str, optional
+        The agent's CURVE public key (Z85, 40 characters): connect with CURVE, to that agent only.
+    curve_secret_file : path, optional
+        With ``curve_server_key``: this subscriber's own ``zmq.auth`` secret certificate (needed
+        when the agent admits listed clients only); default a fresh key pair.
 
     Raises
     ------
     PublishError
-        The endpoint is malformed.
+        The endpoint is malformed, or a CURVE key / certificate is not valid.
     """
 
     def __init__(self, endpoint: str, topics: Iterable[str] = ("",), rcvhwm: int = 10000,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve_server_key: str | None = None,
+                 curve_secret_file: Any = None):
         self.endpoint = endpoint
         self._ctx = context or zmq.Context.instance()
+        keys = None
+        if curve_server_key:
+            server, public, secret = curve_client_keys(curve_server_key)
+            if curve_secret_file is not None:
+                public, secret = load_curve_secret(curve_secret_file)
+            keys = (server, public, secret)
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, int(rcvhwm))
         self._sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            self._sock.curve_serverkey, self._sock.curve_publickey, self._sock.curve_secretkey = keys
         try:
             self._sock.connect(endpoint)
         except zmq.ZMQError as exc:

@@ -462,9 +462,15 @@ def listen(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="The agent's PUB endpoint "
                                            "(default: publish.endpoint of the config, tcp://127.0.0.1:5556)."),
     config: Optional[Path] = ConfigOpt,
-    query_endpoint: Optional[str] = typer.Option("tcp://127.0.0.1:5557", "--query-endpoint",
+    query_endpoint: Optional[str] = typer.Option(None, "--query-endpoint",
                                                  help="Agent's query endpoint, used to fetch frames missed "
-                                                 "(a gap in frame_seq); 'none' = do not fetch."),
+                                                 "(a gap in frame_seq); default: publish.query_endpoint of the "
+                                                 "config (tcp://127.0.0.1:5557); 'none' = do not fetch."),
+    server_key: Optional[str] = typer.Option(None, "--server-key", help="The agent's CURVE public key (Z85, "
+                                             "40 characters) when it publishes with publish.curve_secret_file."),
+    client_cert: Optional[Path] = typer.Option(None, "--client-cert", help="This listener's zmq.auth secret "
+                                               "certificate, when the agent admits listed clients only "
+                                               "(publish.curve_clients_dir)."),
     count: int = typer.Option(0, "--count", "-n", help="Stop after N frames (0 = run until Ctrl-C)."),
     timeout: float = typer.Option(0.0, "--timeout", help="Give up after this many seconds without a frame "
                                   "(0 = wait forever)."),
@@ -479,13 +485,20 @@ def listen(
     from stm_agent.adapters.query import GapFiller
     from stm_agent.adapters.zmq_io import Subscriber
 
-    if endpoint is None:
-        endpoint = _config(config).publish.endpoint
-        if "*" in endpoint or "0.0.0.0" in endpoint:  # a bind address: connect to this machine
-            endpoint = endpoint.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
+    if endpoint is None or query_endpoint is None:
+        pub = _config(config).publish
+        if endpoint is None:
+            endpoint = pub.endpoint
+            if "*" in endpoint or "0.0.0.0" in endpoint:  # a bind address: connect to this machine
+                endpoint = endpoint.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
+        if query_endpoint is None:
+            query_endpoint = (pub.query_endpoint or "none").replace("0.0.0.0", "127.0.0.1")
+            if "*" in query_endpoint:  # a free port chosen at start: not known here
+                query_endpoint = "none"
     _check_endpoint(endpoint, "--endpoint")
     try:
-        sub = Subscriber(endpoint, ["frame.counts", "agent.status", "agent.heartbeat"])
+        sub = Subscriber(endpoint, ["frame.counts", "agent.status", "agent.heartbeat"], curve_server_key=server_key,
+                         curve_secret_file=client_cert)
     except StmAgentError as e:
         fail(e)
     gaps = GapFiller(None if (query_endpoint or "").lower() in ("", "none") else query_endpoint)

@@ -77,6 +77,8 @@ class PublishConfig(_Strict):
     linger_ms: int = Field(1000, ge=0)
     heartbeat_s: float = Field(5.0, ge=0)
     query_endpoint: str | None = "tcp://127.0.0.1:5557"
+    curve_secret_file: Path | None = None
+    curve_clients_dir: Path | None = None
 
 
 class MetricsConfig(_Strict):

@@ -178,7 +178,8 @@ class Agent:
             self.sources: list[Source] = list(sources) if sources is not None else self._make_sources()
             p = cfg.publish
             self.publisher = Publisher(p.endpoint, sndhwm=p.sndhwm, linger_ms=p.linger_ms, agent_id=cfg.agent_id,
-                                       seq=self._seq)
+                                       seq=self._seq, curve_secret_file=p.curve_secret_file,
+                                       curve_clients_dir=p.curve_clients_dir)
         except BaseException:
             self.store.close()
             raise

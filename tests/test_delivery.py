@@ -627,3 +627,43 @@ def test_curve_pinned_key_ignores_an_impostor(tmp_path, sxm_dir):
     assert names == sorted(FEED_SCANS)
     with pytest.raises(PublishError, match="Z85"):
         ControllerSource(ControllerConfig(endpoint=ep, curve_server_key="short"), lambda a: None).start()
+
+
+def test_publisher_with_curve_admits_only_listed_subscribers(tmp_path, refs):
+    """publish.curve_secret_file + curve_clients_dir: the agent's messages reach only a subscriber
+    that pins the agent's key AND whose certificate is listed; a stranger and a plain subscriber
+    get nothing (real agent process)."""
+    import zmq.auth
+
+    keys, clients = tmp_path / "keys", tmp_path / "clients"
+    keys.mkdir()
+    clients.mkdir()
+    agent_public, agent_secret = zmq.auth.create_certificates(str(keys), "agent")
+    listed_public, listed_secret = zmq.auth.create_certificates(str(keys), "dashboard")
+    _, stranger_secret = zmq.auth.create_certificates(str(keys), "stranger")
+    shutil.copy(listed_public, clients / "dashboard.key")
+    server_key = zmq.auth.load_certificate(agent_public)[0].decode()
+    cfg = agent_cfg(tmp_path, refs)
+    cfg.publish.curve_secret_file, cfg.publish.curve_clients_dir = Path(agent_secret), clients
+    proc = AgentProcess(tmp_path, cfg).start()
+    ep = cfg.publish.endpoint
+    try:
+        with Subscriber(ep, ["agent.heartbeat"], curve_server_key=server_key, curve_secret_file=listed_secret) as ok, \
+                Subscriber(ep, ["agent.heartbeat"], curve_server_key=server_key,
+                           curve_secret_file=stranger_secret) as stranger, \
+                Subscriber(ep, ["agent.heartbeat"]) as plain:
+            end = time.monotonic() + 60
+            got = None
+            while got is None and time.monotonic() < end:
+                assert proc.proc.poll() is None, proc.log()
+                got = ok.recv(timeout_ms=200)
+            assert got is not None and got[0] == "agent.heartbeat", proc.log()
+            for _ in range(10):  # ten more heartbeat periods (0.2 s): the listed one keeps getting them
+                assert ok.recv(timeout_ms=2000) is not None
+            assert stranger.recv(timeout_ms=0) is None and plain.recv(timeout_ms=0) is None
+    finally:
+        assert proc.signal(signal.SIGTERM) == 0, proc.log()
+    out = subprocess.run([sys.executable, "-m", "stm_agent.agent.cli", "listen", "--endpoint", ep,
+                          "--server-key", "short", "--query-endpoint", "none"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "Z85" in out.stderr + out.stdout and "Traceback" not in out.stderr
