@@ -219,6 +219,9 @@ def main() -> None:
                                                   "cu111_tcne_steps_clusters_50nm_256_down.sxm",
                                                   "si111_7x7_atoms_defects_20nm_256_down.sxm"])
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--old", action="store_true",
+                    help="also run each frame with the released detection (segment.method: otsu, channel: Z) "
+                         "and print the ratio new / old per stage")
     a = ap.parse_args()
     if len(a.objects) != len(a.sizes):
         raise SystemExit("--objects needs one count per --sizes entry")
@@ -241,8 +244,12 @@ def main() -> None:
         print(f"CPU: {cpu_summary()}; load average at start: {load_avg()}")
         print(f"encoder {a.encoder}, medians over {a.repeats} repeats, times in ms")
         print(hdr)
-        for i, (name, path, truth) in enumerate(frames):
+        jobs = [(name, path, truth, old) for name, path, truth in frames for old in ([False, True] if a.old else [False])]
+        for i, (name, path, truth, old) in enumerate(jobs):
             cfg = AgentConfig()
+            if old:  # the pipeline before issue 10: Otsu + outer contours on Z
+                cfg.segment.method, cfg.channel = "otsu", "Z"
+                name = f"  old ({name.strip()})"[:18]
             cfg.references.folder = Path(td) / f"refs{i}"
             cfg.encoder.name = a.encoder
             if a.model_dir is not None:
@@ -258,6 +265,12 @@ def main() -> None:
                 line += f"{m['baseline']:>10.1f}{m['speedup']:>9.2f}{m['x_em']:>8.1f}"
             line += f"{m['acc']:>6.2f}" if "acc" in m else f"{'-':>6}"
             line += f"{m['rerun']:>9.1f}{m['cpu']:>7.1f}"
+            if not old:
+                det = rec.recognise(read_sxm(path)).detection
+                line += f"  {det.get('method')} {det.get('size_source')}"
+                new_m = m
+            else:
+                line += "  new/old: " + " ".join(f"{s} {new_m[s] / m[s]:.2f}" for s in ("segment", "total") if m[s] > 0)
             print(line, flush=True)
         print(f"load average at end: {load_avg()}")
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB "
