@@ -1,0 +1,173 @@
+"""Few-shot classification of lattice defects from K labelled examples per class (SimpleShot).
+
+SimpleShot (Wang, Chao, Weinberger, van der Maaten, arXiv 1911.04623, 2019): nearest class mean
+after **centering** the features on the mean of the session's features and **L2-normalising**
+them ("CL2N"); a class prototype is the mean of its K normalised examples. Here the features are
+measured, not learned (no training):
+
+* ``pixels``: the defect's window (side ``window_factor`` x the examples' median size) resampled
+  to 16 x 16, in robust standard deviations of the frame (1.4826 MAD around its median): the
+  apparent height and the polarity stay in the values (no per-crop stretch);
+* ``radial``: the rotation-invariant radial profile of that window (mean over 8 rings);
+* ``descriptors``: log area (nm^2), log Feret diameter (nm), apparent height, contrast sign
+  (:func:`agent.descriptors.describe_objects`) - the quantities that name the WSe2 classes
+  (Large/Small, Bright/Dim, Peak/Trough).
+
+Each block is centred and scaled to unit mean squared norm over the session, weighted, and the
+concatenation is centred and L2-normalised (CL2N). Physical units are kept where the pixel size is
+known; without it sizes are in pixels (``pixel_size_nm = 1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = ["DefectFeatures", "defect_features", "SimpleShot", "BLOCK_WEIGHTS"]
+
+#: Block weights (pixels, radial profile, descriptors): equal.
+BLOCK_WEIGHTS = {"pixels": 1.0, "radial": 1.0, "descriptors": 1.0}
+SIDE = 16
+
+
+@dataclass
+class DefectFeatures:
+    """Raw feature blocks of N objects (before SimpleShot's centering).
+
+    Attributes
+    ----------
+    pixels : float64 ``(N, 256)``; radial : float64 ``(N, 8)``; descriptors : float64 ``(N, 4)``.
+    """
+
+    pixels: np.ndarray
+    radial: np.ndarray
+    descriptors: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    @staticmethod
+    def concat(parts: list["DefectFeatures"]) -> "DefectFeatures":
+        return DefectFeatures(*(np.concatenate([getattr(p, k) for p in parts]) if parts else np.zeros((0, n))
+                                for k, n in (("pixels", SIDE * SIDE), ("radial", 8), ("descriptors", 4))))
+
+    def take(self, idx) -> "DefectFeatures":
+        return DefectFeatures(self.pixels[idx], self.radial[idx], self.descriptors[idx])
+
+
+def _rings() -> np.ndarray:
+    yy, xx = np.mgrid[:SIDE, :SIDE] - (SIDE - 1) / 2.0
+    r = np.hypot(xx, yy) / (SIDE / 2.0)
+    return np.minimum((r * 8).astype(int), 8)  # 8 = outside the disc
+
+
+_RING = _rings()
+
+
+def defect_features(image: np.ndarray, boxes_px: np.ndarray, pixel_size_nm: tuple[float, float],
+                    window_px: float, masks: list[np.ndarray] | None = None) -> DefectFeatures:
+    """Feature blocks of the objects in ``boxes_px`` of one frame.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        float ``(ny, nx)`` flattened (or lattice-free) frame; NaN allowed.
+    boxes_px : np.ndarray
+        ``(N, 4)`` ``(x, y, w, h)`` pixels.
+    pixel_size_nm : (dx, dy)
+        nm per pixel (``(1, 1)`` when unknown: sizes are then in pixels).
+    window_px : float
+        Side of the square window around each box centre, pixels.
+    masks : list of bool arrays | None
+        Object masks inside the boxes (segmented defects); None = half-maximum masks.
+
+    Returns
+    -------
+    DefectFeatures
+    """
+    from stm_agent.agent.descriptors import describe_objects
+
+    img = np.asarray(image, np.float64)
+    fin = np.isfinite(img)
+    med = float(np.median(img[fin]))
+    mad = 1.4826 * float(np.median(np.abs(img[fin] - med))) or float(img[fin].std()) or 1.0
+    z = np.where(fin, (img - med) / mad, 0.0).astype(np.float32)
+    b = np.asarray(boxes_px, np.float64).reshape(-1, 4)
+    n = len(b)
+    pix = np.zeros((n, SIDE * SIDE))
+    half = window_px / 2.0
+    scale = SIDE / window_px
+    for i, (x, y, w, h) in enumerate(b):  # one affine warp per object (OpenCV)
+        cx, cy = x + w / 2.0, y + h / 2.0
+        m = np.array([[scale, 0, -(cx - half) * scale], [0, scale, -(cy - half) * scale]], np.float32)
+        pix[i] = cv2.warpAffine(z, m, (SIDE, SIDE), flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_REFLECT).ravel()
+    rad = np.zeros((n, 8))
+    ring = _RING.ravel()
+    for k in range(8):
+        rad[:, k] = pix[:, ring == k].mean(axis=1)
+    d = describe_objects(img, np.rint(b).astype(np.int64), pixel_size_nm, masks=masks, z_unit=None)
+    desc = np.column_stack([np.log(np.maximum(d.area_nm2, 1e-12)), np.log(np.maximum(d.feret_nm, 1e-12)),
+                            d.height, d.contrast_sign.astype(np.float64)])
+    return DefectFeatures(pix, rad, desc)
+
+
+def _block(x: np.ndarray, mean: np.ndarray, rms: float) -> np.ndarray:
+    return (x - mean) / rms
+
+
+class SimpleShot:
+    """Nearest prototype after centering and L2 normalisation (SimpleShot CL2N).
+
+    Parameters
+    ----------
+    session : DefectFeatures
+        Every object of the session (examples and queries): the centering means and block scales.
+    weights : dict | None
+        Block weights (default :data:`BLOCK_WEIGHTS`).
+    """
+
+    def __init__(self, session: DefectFeatures, weights: dict[str, float] | None = None):
+        self.weights = dict(weights or BLOCK_WEIGHTS)
+        self._stats = {}
+        for k in ("pixels", "radial", "descriptors"):
+            x = getattr(session, k)
+            mu = x.mean(axis=0)
+            rms = float(np.sqrt(((x - mu) ** 2).sum(axis=1).mean())) or 1.0
+            self._stats[k] = (mu, rms)
+        self._centre = None
+        self._centre = self.transform(session, normalise=False).mean(axis=0)
+        self.classes: list[str] = []
+        self.prototypes = np.zeros((0, 0))
+
+    def transform(self, f: DefectFeatures, normalise: bool = True) -> np.ndarray:
+        """float64 ``(N, d)`` weighted blocks, centred on the session mean, L2-normalised."""
+        parts = [self.weights[k] * _block(getattr(f, k), *self._stats[k]) for k in ("pixels", "radial", "descriptors")
+                 if self.weights.get(k, 0) > 0]
+        x = np.hstack(parts)
+        if self._centre is not None:
+            x = x - self._centre
+        if normalise:
+            x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+        return x
+
+    def fit(self, f: DefectFeatures, labels: list[str]) -> "SimpleShot":
+        """Prototypes from the K examples per class (``labels`` per row of ``f``)."""
+        x = self.transform(f)
+        lab = np.asarray(labels)
+        self.classes = sorted(set(labels))
+        p = np.stack([x[lab == c].mean(axis=0) for c in self.classes])
+        self.prototypes = p / (np.linalg.norm(p, axis=1, keepdims=True) + 1e-12)
+        return self
+
+    def scores(self, f: DefectFeatures) -> np.ndarray:
+        """Cosine similarity of each object to each prototype, float64 ``(N, n_classes)``."""
+        return self.transform(f) @ self.prototypes.T
+
+    def predict(self, f: DefectFeatures) -> list[str]:
+        """The class of the nearest prototype, per object."""
+        if len(f) == 0:
+            return []
+        return [self.classes[i] for i in self.scores(f).argmax(axis=1)]
