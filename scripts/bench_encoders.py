@@ -205,7 +205,7 @@ def main() -> None:
 
     base = np.array(times["clip-torch-eager"])
     print(f"load average at end: {load_end}")
-    print(f"{'encoder':<28}{'crops/s':>10}{'min..max':>16}{'x torch eager':>15}{'peak RSS MB':>13}"
+    print(f"{'encoder':<28}{'crops/s':>10}{'min..max':>20}{'x torch eager':>15}{'peak RSS MB':>13}"
           f"{'crops/CPU-s':>13}{'x torch (CPU)':>15}")
     cbase = np.array(cpu["clip-torch-eager"])
     for k, v in times.items():
@@ -214,7 +214,7 @@ def main() -> None:
         ratio = np.median(base / v)
         r = f"{rss[k]:13.0f}" if k in rss else f"{'-':>13}"
         cr = a.n / np.median(cpu[k])
-        print(f"{k:<28}{np.median(rate):10.1f}{f'{rate.min():.1f}..{rate.max():.1f}':>16}{ratio:15.2f}{r}"
+        print(f"{k:<28}{np.median(rate):10.1f}{f'{rate.min():.1f}..{rate.max():.1f}':>20}{ratio:15.2f}{r}"
               f"{cr:13.1f}{np.median(cbase / np.array(cpu[k])):15.2f}")
     print("x torch eager = median over repeats of (torch eager time / encoder time) in the same repeat; "
           "peak RSS = VmHWM of a fresh process with only that runtime, model loaded, one batch embedded; "
