@@ -94,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {label:<24} micro F1 fp32 {row['fp32'][0]:.4f} {a.precision} {row[a.precision][0]:.4f} "
                       f"({d_mi:+.4f}); macro F1 fp32 {row['fp32'][1]:.4f} {a.precision} {row[a.precision][1]:.4f} "
                       f"({d_ma:+.4f}); same species: {100 * same:.1f} % of objects x {a.seeds} draws")
+            # how close to a tie were the objects whose species changed? (fp32 best - second score)
+            s32 = np.concatenate([s.scores for s in results["fp32"]])
+            sq = np.concatenate([s.scores for s in results[a.precision]])
+            top2 = np.sort(s32, axis=1)[:, -2:]
+            margin = top2[:, 1] - top2[:, 0]
+            flip = np.argmax(s32, axis=1) != np.argmax(sq, axis=1)
+            print(f"  |score change| median {np.median(np.abs(sq - s32)):.1e}, max {np.abs(sq - s32).max():.1e}; "
+                  f"fp32 margin best - 2nd species: median {np.median(margin):.1e}; of the {int(flip.sum())} "
+                  f"object-draws whose best species changed: "
+                  f"{', '.join(f'{m:.1e}' for m in np.sort(margin[flip])) or '-'}")
     ok = worst <= a.tolerance
     print(f"largest |F1 difference| {worst:.4f}: {'within' if ok else 'BEYOND'} {a.tolerance}")
     return 0 if ok else 1
