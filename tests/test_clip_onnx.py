@@ -239,6 +239,7 @@ def test_session_options_threads_sequential():
     assert so.intra_op_num_threads == physical_cores() >= 1 and so.inter_op_num_threads == 1
     assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert session_options("fp16", threads=3).intra_op_num_threads == 3
     assert physical_cores() <= len(__import__("os").sched_getaffinity(0))
 
