@@ -162,6 +162,23 @@ class SimpleShot:
         self.prototypes = p / (np.linalg.norm(p, axis=1, keepdims=True) + 1e-12)
         return self
 
+    def rejection_threshold(self, f: DefectFeatures, labels: list[str]) -> float | None:
+        """Cosine below which an object matches no class: the lowest leave-one-out similarity of an
+        example to its own class prototype (the examples calibrate what "this class" looks like;
+        cf. conformal calibration, Bates et al. 2023). None when a class has a single example.
+        """
+        x = self.transform(f)
+        lab = np.asarray(labels)
+        sims = []
+        for c in self.classes:
+            idx = np.flatnonzero(lab == c)
+            if len(idx) < 2:
+                return None
+            for i in idx:
+                p = x[idx[idx != i]].mean(axis=0)
+                sims.append(float(x[i] @ (p / (np.linalg.norm(p) + 1e-12))))
+        return float(min(sims))
+
     def scores(self, f: DefectFeatures) -> np.ndarray:
         """Cosine similarity of each object to each prototype, float64 ``(N, n_classes)``."""
         return self.transform(f) @ self.prototypes.T

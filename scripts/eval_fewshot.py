@@ -57,7 +57,7 @@ def load(variant: str):
     return out, classes
 
 
-def run(images, classes, k: int, seed: int, cache: dict) -> dict:
+def run(images, classes, k: int, seed: int, cache: dict, use_reject: bool = False) -> dict:
     rng = np.random.default_rng(seed)
     objs = [(i, j) for i, im in enumerate(images) for j in range(len(im["labels"]))]
     lab = np.array([images[i]["labels"][j] for i, j in objs])
@@ -102,6 +102,10 @@ def run(images, classes, k: int, seed: int, cache: dict) -> dict:
     df = DefectFeatures.concat(det_f)
     clf2 = SimpleShot(DefectFeatures.concat([df, allf.take(s_idx)])).fit(allf.take(s_idx), [lab[t] for t in s_idx])
     dpred = clf2.predict(df)
+    reject = clf2.rejection_threshold(allf.take(s_idx), [lab[t] for t in s_idx]) if use_reject else None
+    if reject is not None and len(df):
+        best = clf2.scores(df).max(axis=1)
+        dpred = [p if b >= reject else None for p, b in zip(dpred, best)]
     t_true, t_pred = [], []
     matched = set()
     for (i, g), p in zip(det_meta, dpred):
@@ -115,7 +119,7 @@ def run(images, classes, k: int, seed: int, cache: dict) -> dict:
             t_true.append(ci[c])
         else:
             t_true.append(-1)
-        t_pred.append(ci[p])
+        t_pred.append(ci[p] if p is not None else len(eligible))  # None: rejected (other)
     for n, o in enumerate(objs):
         if o not in sup and o not in matched and lab[n] in eligible:
             t_true.append(ci[lab[n]])
@@ -136,6 +140,9 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=["nm", "px (same 15)", "px (all 27)"])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--reject", action="store_true", help="End-to-end: detections below the examples' "
+                    "leave-one-out similarity are 'other' (K >= 2).")
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 5])
     a = ap.parse_args()
     t0 = time.perf_counter()
     out = {}
@@ -145,8 +152,8 @@ def main() -> None:
         print(f"\n## {v}: {len(images)} images, {sum(len(im['labels']) for im in images)} boxes; "
               f"lattice peaks found in {nl}")
         cache: dict = {}
-        for k in (1, 5):
-            rs = [run(images, classes, k, s, cache) for s in range(a.draws)]
+        for k in a.ks:
+            rs = [run(images, classes, k, s, cache, a.reject) for s in range(a.draws)]
             f = lambda key: (float(np.mean([r[key] for r in rs])), float(np.std([r[key] for r in rs])))  # noqa: E731
             out[f"{v} K={k}"] = {"draws": rs, "rec_macro_f1": f("rec_macro_f1"), "e2e_macro_f1": f("e2e_macro_f1"),
                                  "e2e_micro_f1": f("e2e_micro_f1"), "det_recall": f("det_recall"),

@@ -104,3 +104,7 @@ def test_simpleshot_k5_on_wse2_beats_chance(labelled_dir):
     chance = metrics(confusion_matrix(np.array([ci[c] for c in lab[q]]), rng.integers(0, len(classes), len(q)),
                                       len(classes)), classes)
     assert res["macro"]["f1"] > 0.35 and res["macro"]["f1"] > 1.5 * chance["macro"]["f1"], (res["macro"], chance["macro"])
+    # rejection threshold from the examples (leave-one-out): a cosine that every example passes
+    t = clf.rejection_threshold(allf.take(sup), list(lab[sup]))
+    assert t is not None and -1.0 <= t < 1.0
+    assert (clf.scores(allf.take(sup)).max(axis=1) >= t).all()
