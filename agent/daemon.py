@@ -294,6 +294,7 @@ class Agent:
                  self.endpoint, self._encoder_id(), self.provider() or "numpy (no onnxruntime session)", species)
         log.info("effective configuration (digest %s): %s", self.config_digest, cfg.model_dump_json())
         try:
+            self._spool_bytes = self._spool_usage()
             self._start_services()
             for s in self.sources:
                 s.start()
@@ -529,6 +530,12 @@ class Agent:
         log.info("spool over budget: deleted %d recorded scan(s); %.0f MB left (budget %.0f MB)", deleted,
                  self._spool_bytes / (1 << 20), rc.spool_budget_mb)
 
+    def _spool_state(self) -> dict[str, Any]:
+        """The heartbeat's ``spool``: size, budget, whether it is over (``results.spool_budget_mb``)."""
+        mb = (self._spool_bytes or 0) / (1 << 20)
+        budget = self.cfg.results.spool_budget_mb
+        return {"mb": round(mb, 1), "budget_mb": budget, "over_budget": budget is not None and mb > budget}
+
     def _spool_usage(self) -> int:
         try:
             return sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(self.spool_dir)
@@ -740,6 +747,7 @@ class Agent:
             "last_frame_name": self.last_frame_name,
             "last_frame_at": self.last_frame_at,
             "last_frame_seq": self.last_frame_seq,
+            **({"spool": self._spool_state()} if self._spool_bytes is not None else {}),
             "model": {"encoder": self.cfg.encoder.name, "id": getattr(enc, "id", None), "provider": self.provider(),
                       "model_dir": str(self.cfg.encoder.model_dir) if self.cfg.encoder.model_dir else None},
             "reference_set": {"folder": str(self.cfg.references.folder), "species": self._species()},

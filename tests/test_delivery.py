@@ -576,8 +576,11 @@ def test_spool_budget_warns_and_prune_deletes_only_recorded_scans(tmp_path, refs
             run.agent.submit(arrival(f, source="controller", payload=True))
         for _ in files:
             run.next("frame.counts")
+        hb = run.next("agent.heartbeat", where=lambda m: m["spool"]["over_budget"])  # visible to dashboards
     finally:
         run.stop()
+    validate("agent.heartbeat", hb)
+    assert hb["spool"]["budget_mb"] == budget_mb and hb["spool"]["mb"] > budget_mb
     spool = tmp_path / "spool"
     assert len(list(spool.glob("*.sxm"))) == 3  # kept by default: they may be the only copy
     assert any("over its budget" in r.getMessage() for r in caplog.records)
