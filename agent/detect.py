@@ -83,6 +83,10 @@ MIN_AREA_FRACTION = 0.08
 #: 0.06-0.11 / 1.29-1.89, isolated Au(111) adsorbates 0.28 / 1.15.
 DENSE_COVER = 0.5
 DENSE_SPACING = 1.1
+#: ... and in either case the objects cover at least DENSE_MIN_COVER of the frame: touching
+#: objects that cover little of it are a chain (e.g. clusters decorating a step edge: 9 %), not a
+#: layer, and the template detector would match the bare terraces between them.
+DENSE_MIN_COVER = 0.3
 #: Automatic size search range, pixels of extent (before the image-size cap).
 AUTO_MIN_EXTENT_PX = 4.0
 #: Object extent per scale-space sigma of its blob (see :func:`estimate_object_size`).
@@ -600,7 +604,7 @@ def detect_objects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: S
     if method != "scale" and templates:
         cover = float(info.get("cover", 0.0))
         spacing = packing(regions, (dx, dy))
-        dense = len(regions) >= 3 and (cover >= DENSE_COVER or spacing <= DENSE_SPACING)
+        dense = len(regions) >= 3 and cover >= DENSE_MIN_COVER and (cover >= DENSE_COVER or spacing <= DENSE_SPACING)
         why = f"objects cover {cover:.0%}, nearest-neighbour distance {spacing:.2f} x their extent"
         if method == "template" or dense:
             regions, tinfo = _with_templates(img, (dx, dy), templates, regions, pixel_size_known)

@@ -66,6 +66,7 @@ def _poses(t: Template, frame_px_nm: tuple[float, float], scale: float, k: float
     c = np.asarray(t.crop, np.float32)
     fin = np.isfinite(c)
     c = np.where(fin, c, np.median(c[fin]) if fin.any() else 0.0).astype(np.float32)
+    c = _unit_scale(c)
     fx = t.pixel_size_nm[0] * scale / (frame_px_nm[0] * k)
     fy = t.pixel_size_nm[1] * scale / (frame_px_nm[1] * k)
     w = max(3, int(round(c.shape[1] * fx)))
@@ -82,6 +83,20 @@ def _poses(t: Template, frame_px_nm: tuple[float, float], scale: float, k: float
                                  flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
             out.append(cv2.getRectSubPix(rot, (side, side), centre))
     return out
+
+
+def _unit_scale(a: np.ndarray) -> np.ndarray:
+    """``a`` shifted and scaled to zero median and unit standard deviation (float32).
+
+    NCC does not depend on the scale, but OpenCV's ``matchTemplate`` does: it treats window
+    variances below ~1e-7 as zero, so a frame in SI units (Z in m, ~1e-10) gives a score of 1
+    everywhere. Both the frame and the templates are brought to unit scale first.
+    """
+    a = np.asarray(a, np.float32)
+    sd = float(a.std())
+    if not np.isfinite(sd) or sd == 0.0:
+        return np.zeros_like(a)
+    return ((a - np.float32(np.median(a))) / np.float32(sd)).astype(np.float32)
 
 
 def score_map(frame_w: np.ndarray, poses: list[np.ndarray]) -> np.ndarray:
@@ -144,6 +159,7 @@ def match_templates(f: np.ndarray, pixel_size_nm: tuple[float, float], templates
         object radius along x in pixels, float ``(N,)`` NCC, and ``{scale, ncc_threshold, level}``.
     """
     dx, dy = pixel_size_nm
+    f = _unit_scale(f)
     ext_px = float(np.median([t.extent_nm for t in templates])) / dx  # at scale 1, frame pixels
     scales = [1.0]
     if not pixel_size_known:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 
@@ -246,3 +247,43 @@ def test_molecules_with_internal_structure_are_one_object(sxm_dir, name):
     assert d.report.size_source == "auto: objects made of parts"
     n = len([r for r in d.regions if not r.touches_edge])
     assert n == {"porphyrin_pair_128_up_nan51pct.sxm": 2, "cu111_tcne_molecules_4nm_256_up.sxm": 1}[name]
+
+
+def _sxm_templates(scan, regions, n=2):
+    """Templates cut from the frame itself at scale-detector objects (the frame's SI units kept)."""
+    from stm_agent.agent.flatten import fill_nan
+    from stm_agent.agent.templates import Template
+
+    f, _ = fill_nan(flatten(scan.frame("Z")))
+    dx = scan.pixel_size_nm[0]
+    inner = sorted((r for r in regions if not r.touches_edge), key=lambda r: r.area_nm2)
+    picks = [inner[len(inner) // 2], inner[len(inner) // 3]][:n]
+    out = []
+    for r in picks:
+        side = int(round(2 * r.extent_nm / dx)) | 1
+        out.append(Template("mol", cv2.getRectSubPix(f, (side, side), tuple(map(float, r.centroid_px))),
+                            scan.pixel_size_nm, r.extent_nm))
+    return out
+
+
+def test_template_detector_on_a_frame_in_si_units(sxm_dir):
+    """Z in metres (~1e-10): the correlation must not see a match at every pixel (OpenCV treats
+    such small variances as zero). With references cut from the TCNE monolayer, the template
+    detector finds about as many molecules as the scale detector, not one per pixel."""
+    scan = read_sxm(sxm_dir / "graphene_tcne_monolayer_4nm_256_down.sxm")
+    cfg = load_config()
+    plain = detect_frame(scan, cfg)
+    d = detect_frame(scan, cfg, templates=_sxm_templates(scan, plain.regions))
+    assert d.report.method == "template", d.report.reason
+    assert 0.6 * len(plain.regions) <= len(d.regions) <= 1.5 * len(plain.regions), (len(d.regions), len(plain.regions))
+
+
+def test_step_edge_chain_is_not_a_dense_layer(sxm_dir):
+    """Clusters decorating Cu(111) step edges touch each other but cover ~10 % of the frame: with
+    references the scale detector stays (the template detector would match bare terraces)."""
+    scan = read_sxm(sxm_dir / "cu111_tcne_steps_clusters_50nm_256_down.sxm")
+    cfg = load_config()
+    plain = detect_frame(scan, cfg)
+    d = detect_frame(scan, cfg, templates=_sxm_templates(scan, plain.regions))
+    assert d.report.method == "scale", d.report.reason
+    assert len(d.regions) < 100
