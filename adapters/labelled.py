@@ -150,16 +150,7 @@ def load_labelme(path: str | Path) -> tuple[list[LabelledImage], list[str]]:
     """
     p = Path(path)
     files = sorted(p.glob("*.json")) if p.is_dir() else [p]
-    files = [f for f in files if f.name != "annotations.json"]
-    if not files:
-        raise ImageFormatError(p, "no labelme .json file found")
-    out, nid = [], 1
-    for f in files:
-        im = _labelme_one(f, nid)
-        nid += len(im.labels)
-        out.append(im)
-    out.sort(key=lambda i: i.path.name)
-    return out, sorted({lab for im in out for lab in im.labels})
+    return _read_each([f for f in files if f.name != "annotations.json"], _labelme_one, p, "labelme .json")
 
 
 def _voc_one(p: Path, first_id: int) -> LabelledImage:
@@ -204,12 +195,17 @@ def load_voc(path: str | Path) -> tuple[list[LabelledImage], list[str]]:
         Unreadable or malformed file (names it and the reason), or no file found.
     """
     p = Path(path)
-    files = sorted(p.glob("*.xml")) if p.is_dir() else [p]
+    return _read_each(sorted(p.glob("*.xml")) if p.is_dir() else [p], _voc_one, p, "Pascal VOC .xml")
+
+
+def _read_each(files: list[Path], read_one, where: Path, what: str) -> tuple[list[LabelledImage], list[str]]:
+    """One annotation file per image (labelme, VOC): read each with ``read_one(file, first_id)``,
+    annotation ids counting on across files; images sorted by file name; class names sorted."""
     if not files:
-        raise ImageFormatError(p, "no Pascal VOC .xml file found")
+        raise ImageFormatError(where, f"no {what} file found")
     out, nid = [], 1
     for f in files:
-        im = _voc_one(f, nid)
+        im = read_one(f, nid)
         nid += len(im.labels)
         out.append(im)
     out.sort(key=lambda i: i.path.name)

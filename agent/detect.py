@@ -56,7 +56,7 @@ from skimage.segmentation import watershed
 
 from stm_agent.agent.config import SegmentConfig
 from stm_agent.agent.flatten import fill_nan
-from stm_agent.agent.segment import MIN_SPECK_PX, Region, segment
+from stm_agent.agent.segment import MIN_SPECK_PX, Region, checked_frame, segment
 from stm_agent.agent.templates import Template, match_templates, template_labels
 
 #: Per-object support: pixels at or above this fraction of the object's own height (top-hat peak).
@@ -569,12 +569,7 @@ def detect_objects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: S
     ValueError
         ``image`` is not 2-D or the pixel size is not positive.
     """
-    img = np.asarray(image)
-    if img.ndim != 2:
-        raise ValueError(f"detection expects a 2-D image (ny, nx), got shape {img.shape}")
-    dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
-    if not (dx > 0 and dy > 0):
-        raise ValueError(f"pixel size must be positive, got {pixel_size_nm}")
+    img, dx, dy = checked_frame(image, pixel_size_nm, "detection")
     if reference_extents_nm is None and templates:
         reference_extents_nm = [t.extent_nm for t in templates]
     method = cfg.method

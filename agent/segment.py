@@ -256,6 +256,23 @@ def _regions(mask, labels, stats, cents, edge, keep, pixel_size_nm, contrast: in
     return out
 
 
+def checked_frame(image: np.ndarray, pixel_size_nm: tuple[float, float], who: str) -> tuple[np.ndarray, float, float]:
+    """``(image as an array, dx, dy)`` after checking the arguments every detector takes.
+
+    Raises
+    ------
+    ValueError
+        ``image`` is not 2-D, or the pixel size (nm) is not positive.
+    """
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise ValueError(f"{who} expects a 2-D image (ny, nx), got shape {img.shape}")
+    dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
+    if not (dx > 0 and dy > 0):
+        raise ValueError(f"pixel size must be positive, got {pixel_size_nm}")
+    return img, dx, dy
+
+
 def segment(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: SegmentConfig) -> list[Region]:
     """Segment a flattened frame into objects inside the single-object size window.
 
@@ -290,12 +307,7 @@ def segment(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: SegmentC
     ValueError
         ``image`` is not 2-D or the pixel size is not positive.
     """
-    img = np.asarray(image)
-    if img.ndim != 2:
-        raise ValueError(f"segment expects a 2-D image (ny, nx), got shape {img.shape}")
-    dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
-    if not (dx > 0 and dy > 0):
-        raise ValueError(f"pixel size must be positive, got {pixel_size_nm}")
+    img, dx, dy = checked_frame(image, pixel_size_nm, "segment")
     px_area = dx * dy
     if cfg.polarity == "both":
         signs, valid, _ = signed_mask(img, cfg)
