@@ -19,7 +19,8 @@ from stm_agent.agent.triggers import TriggerRule, check_unique_names, rule_label
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # protected_namespaces=(): fields such as encoder.model_dir are ours (pydantic < 2.10 warns on "model_")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
 class AcquisitionConfig(_Strict):
