@@ -243,3 +243,17 @@ def test_truncated_file_is_reported_at_once_and_named_as_pending(sxm_dir, tmp_pa
         assert caplog.text.count("incomplete (") == 1  # once, not at every check
     finally:
         src.stop()
+
+
+def test_run_start_line_names_the_folder_the_endpoint_and_where_the_encoder_runs(tmp_path, monkeypatch):
+    from stm_agent.agent.daemon import Agent
+
+    monkeypatch.setattr(Agent, "run", lambda self: None)  # the start line only, no service loop
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"results:\n  store: {tmp_path / 'r.sqlite'}\n"
+                   "publish:\n  endpoint: tcp://127.0.0.1:*\n  query_endpoint: null\n")
+    res = invoke("run", "--config", str(cfg), "--folder", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    line = res.output.splitlines()[0]
+    assert f"watching {tmp_path.resolve()}" in line and "publishing on tcp://127.0.0.1:*" in line
+    assert "encoder pixel" in line and "on the CPU (numpy; no onnxruntime model)" in line, line
