@@ -46,7 +46,7 @@ def test_flags_are_shown_as_flags_and_brackets_survive_help():
     res = invoke("refs", "add", "--help")
     assert res.exit_code == 0
     assert "<bool>" not in res.output
-    px = next(ln for ln in res.output.splitlines() if ln.strip().startswith("--px"))
+    px = next(ln for ln in res.output.splitlines() if ln.strip().startswith("--px "))
     assert px.split()[1] == "--at", px  # "--px  --at is in pixels ...", no type after the flag
     res = invoke("models", "export", "--help")
     assert res.exit_code == 0 and "--fp16 " in res.output and "<bool>" not in res.output

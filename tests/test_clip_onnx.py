@@ -181,6 +181,8 @@ def test_precision_selection_on_cpu(tiny_model, grey_crops):
 
 def test_auto_fallbacks_without_calibrated_int8(tmp_path, grey_crops, caplog):
     """No calibration at export: auto runs int8-dynamic; no int8 at all: fp32 with a warning."""
+    for mod in ("torch", "open_clip", "onnx"):
+        pytest.importorskip(mod, reason='exporting the test model needs the export extra: pip install -e ".[test,export]"')
     from stm_agent.models.export import TINY_TEST_CONFIG, export_clip
 
     export_clip("tiny-test-noint8", None, tmp_path, check_crops=grey_crops[:2], model_cfg=TINY_TEST_CONFIG)

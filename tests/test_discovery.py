@@ -152,7 +152,7 @@ def test_discovery_runs_without_torch(sxm_dir, tmp_path):
 
 
 def test_autoencoder_trains_in_torch_and_runs_on_onnxruntime(fhpb, tmp_path):
-    import torch  # noqa: F401 - the export extra of the test install
+    pytest.importorskip("torch", reason='training needs the export extra: pip install -e ".[test,export]"')
     from stm_agent.models.autoencoder import AutoencoderEncoder, train_autoencoder
 
     enc = train_autoencoder(fhpb.grey, tmp_path / "ae", latent=8, epochs=15, seed=0)
