@@ -7,12 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from stm_agent.agent.console import console, esc, fail
 from stm_agent.agent.errors import StmAgentError
-
-console = Console()
-err_console = Console(stderr=True)
 
 
 def dashboard(
@@ -42,15 +39,13 @@ def dashboard(
 
         srv = DashboardServer(cfg, endpoint=endpoint, host=host, port=port)
     except StmAgentError as e:
-        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, markup=True, highlight=False)
-        raise typer.Exit(code=2)
+        fail(e)
     where = srv.host if srv.host not in ("0.0.0.0", "") else "0.0.0.0 (the lab network)"
     mode = "references can be edited with the token" if dashboard_token(cfg) else "read-only (no dashboard.token)"
-    console.print(f"dashboard of [bold]{cfg.agent_id}[/] on http://{'127.0.0.1' if srv.host in ('0.0.0.0', '') else srv.host}:"
-                  f"{srv._config.port}/ (serving {where}); store {cfg.results.store}; {mode}; Ctrl-C stops",
+    console.print(f"dashboard of [bold]{esc(cfg.agent_id)}[/] on http://{'127.0.0.1' if srv.host in ('0.0.0.0', '') else srv.host}:"
+                  f"{srv._config.port}/ (serving {where}); store {esc(cfg.results.store)}; {mode}; Ctrl-C stops",
                   soft_wrap=True, highlight=False)
     try:
         srv.run()
     except StmAgentError as e:
-        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=2)
+        fail(e)

@@ -153,12 +153,12 @@ def evaluate(
             cm.add_row(esc(lab), *map(str, row))
         console.print(cm)
     for e, lo in report.get("loco", {}).items():
-        lt = Table(title=f"{e}: leave one class out (recognition-only; target: >= 80 % other, "
+        lt = Table(title=f"{esc(e)}: leave one class out (recognition-only; target: >= 80 % other, "
                          "remaining macro F1 within 0.05 of argmax)")
         for c in ("left out", "other share", "remaining macro F1", "argmax"):
             lt.add_column(c, justify="left" if c == "left out" else "right")
         for c, v in lo.items():
-            lt.add_row(c, pm(v["other_share"]), pm(v["remaining_macro_f1"]), pm(v["remaining_macro_f1_argmax"]))
+            lt.add_row(esc(c), pm(v["other_share"]), pm(v["remaining_macro_f1"]), pm(v["remaining_macro_f1_argmax"]))
         console.print(lt)
     js = out / f"{stem}.json"
     js.write_text(json.dumps(jsonable(report), indent=1, default=str), encoding="utf-8")
