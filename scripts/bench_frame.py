@@ -215,6 +215,9 @@ def main() -> None:
     ap.add_argument("--encoder", choices=["pixel", "zernike", "clip"], default="pixel")
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--precision", default="auto", help="clip: encoder.precision (auto = int8 on a CPU)")
+    ap.add_argument("--threshold", default=None,
+                    help="match.threshold (a number, or auto: per-frame null sample of background windows, "
+                         "embedded too: with clip it adds up to 48 crops per species to every frame)")
     ap.add_argument("--real", nargs="*", default=["au111_adsorbates_10nm_256_up.sxm",
                                                   "cu111_tcne_steps_clusters_50nm_256_down.sxm",
                                                   "si111_7x7_atoms_defects_20nm_256_down.sxm"])
@@ -255,6 +258,8 @@ def main() -> None:
             if a.model_dir is not None:
                 cfg.encoder.model_dir = a.model_dir
             cfg.encoder.precision = a.precision
+            if a.threshold is not None:
+                cfg.match.threshold = a.threshold if a.threshold == "auto" else float(a.threshold)
             make_references(path, cfg, truth)
             rec = Recognizer.from_config(cfg)
             if i == 0:
