@@ -134,3 +134,26 @@ def test_cli_export(tmp_path, labelled_dir):
     r = CliRunner().invoke(models_app, ["export", "--arch", "ViT-B-32", "--pretrained", "openai",
                                         "--out", str(tmp_path / "x"), "--offline"])
     assert r.exit_code == 2
+
+
+def test_fused_export_exact_with_nontrivial_weights(tmp_path, real_crops, sxm_crops):
+    """Random init leaves every bias at 0 and every LayerNorm at (1, 0), which would hide a fusion
+    that drops or mixes them up (q/k/v bias split, skip + bias, LayerNorm parameters). Perturb every
+    parameter, export from the checkpoint, and compare with the unmodified torch model."""
+    import torch
+
+    from stm_agent.models.export import build_model
+
+    model, _, _ = build_model("tiny-test-perturbed", None, model_cfg=TINY_TEST_CONFIG)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    ckpt = tmp_path / "perturbed.pt"
+    torch.save(model.state_dict(), ckpt)
+    rep = export_clip("tiny-test-perturbed", ckpt, tmp_path / "out", check_crops=real_crops,
+                      calibration_crops=sxm_crops)
+    assert rep.fused["Attention"] == 2 and rep.fused["SkipLayerNormalization"] == 4
+    assert rep.min_cosine_torch > 0.99999, rep.to_json()
+    assert rep.max_abs_diff_torch < 1e-3, rep.to_json()
+    assert rep.cosine_vs_fp32["int8"]["min"] > 0.98
