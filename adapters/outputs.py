@@ -24,6 +24,11 @@ _OTHER_BGR = (150, 150, 150)
 _MIN_SIDE_PX = 768  # overlays are upscaled so that labels stay readable on small scans
 
 
+def display_dir(store_path: str | Path) -> Path:
+    """Folder of the dashboard's display images: ``display`` next to the SQLite store."""
+    return Path(store_path).parent / "display"
+
+
 def species_colours(species: list[str]) -> dict[str, tuple[int, int, int]]:
     """Stable BGR colour per species (``other`` grey), in the order given."""
     named = [s for s in species if s != OTHER]

@@ -40,8 +40,8 @@ from stm_agent.agent.cli_evaluate import evaluate
 from stm_agent.agent.cli_dashboard import dashboard
 from stm_agent.agent.cli_feed import replay
 from stm_agent.agent.cli_service import results_app, status
-from stm_agent.agent.config import AgentConfig, default_yaml_text, load_config
-from stm_agent.agent.console import console, err_console, esc, fail, typer_app
+from stm_agent.agent.config import default_yaml_text
+from stm_agent.agent.console import cli_config as _config, console, err_console, esc, fail, typer_app
 from stm_agent.agent.errors import StmAgentError
 
 app = typer_app(
@@ -87,37 +87,6 @@ def _main(
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration (see `stm-agent config init`).")
 RefsOpt = typer.Option(None, "--refs", help="Reference library folder (default: references.folder of the config).")
 
-
-
-#: Config keys set by command-line options, and the option a config error about them names.
-_OPTION_OF = {"match.threshold": "--threshold", "channel": "--channel", "references.folder": "--refs",
-              "acquisition.folder": "--folder", "publish.endpoint": "--endpoint"}
-
-
-def _config(path: Optional[Path], refs: Optional[Path] = None, **over) -> AgentConfig:
-    overrides: dict = {k: v for k, v in over.items() if v is not None}
-    if refs is not None:
-        overrides["references.folder"] = str(refs)
-    try:
-        return load_config(path, overrides=_nest(overrides),
-                           override_origins={k: _OPTION_OF.get(k, "command line") for k in overrides})
-    except StmAgentError as e:
-        fail(e)
-
-
-def _nest(flat: dict) -> dict:
-    """``{"match.threshold": 0.8}`` -> ``{"match": {"threshold": 0.8}}``."""
-    out: dict = {}
-    for k, v in flat.items():
-        parts = k.split(".")
-        d = out
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-        if isinstance(v, dict) and isinstance(d.get(parts[-1]), dict):
-            d[parts[-1]].update(v)
-        else:
-            d[parts[-1]] = v
-    return out
 
 
 def _parse_xy(text: str) -> tuple[float, float]:

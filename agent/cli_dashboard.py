@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from stm_agent.agent.console import console, esc, fail
+from stm_agent.agent.console import cli_config as _config, console, esc, fail
 from stm_agent.agent.errors import StmAgentError
 
 
@@ -26,7 +26,6 @@ def dashboard(
 
     Works against a running agent (live updates from its PUB socket) and a stopped one (history
     from its store). Read-only unless dashboard.token (or $STM_AGENT_DASHBOARD_TOKEN) is set."""
-    from stm_agent.agent.cli import _config
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stm_agent.adapters.outputs import display_dir
 from stm_agent.agent.domain import FrameResult
 from stm_agent.agent.errors import StmAgentError
 from stm_agent.agent.triggers import PublishAction, TriggerEngine
@@ -58,11 +59,6 @@ def library_signature(folder: str | Path) -> tuple:
     except OSError:
         return ()
     return tuple(sorted(out))
-
-
-def display_dir(store_path: str | Path) -> Path:
-    """Folder of the dashboard's display images: ``display`` next to the SQLite store."""
-    return Path(store_path).parent / "display"
 
 
 def display_png(image: np.ndarray) -> bytes:

@@ -57,3 +57,62 @@ def test_adapters_import_no_daemon_cli_or_evaluation(path):
     bad = sorted(m for m in imported_modules(path)
                  if m.startswith("stm_agent.agent.") and m.split(".")[2].startswith(top))
     assert not bad, f"{path.relative_to(REPO)} imports {bad}: adapters are called by the daemon, never the reverse"
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """stm_agent module -> the stm_agent modules it imports (at the top or inside functions)."""
+    mods = {}
+    for pkg in ("agent", "adapters", "models", "config"):
+        for p in (REPO / pkg).rglob("*.py"):
+            name = "stm_agent." + ".".join(p.relative_to(REPO).with_suffix("").parts)
+            mods[name.removesuffix(".__init__")] = p
+    graph = {}
+    for name, p in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stm_agent"):
+                deps |= {m for m in [node.module] + [f"{node.module}.{a.name}" for a in node.names] if m in mods}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in mods}
+        graph[name] = deps - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_loop_between_agent_and_adapters():
+    """No chain of imports (lazy ones included) leads from an adapter back to itself through the
+    agent package, or the reverse: a reader never has to follow imports back and forth."""
+    mixed = [sorted(c) for c in _cycles(_module_graph())
+             if any(m.startswith("stm_agent.adapters") for m in c) and any(m.startswith("stm_agent.agent") for m in c)]
+    assert not mixed, f"import loops between agent/ and adapters/: {mixed}"

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from stm_agent.adapters.outputs import display_dir
 from stm_agent.agent.config import AgentConfig
 from stm_agent.agent.errors import StmAgentError
-from stm_agent.agent.hooks import display_dir
 from stm_agent.agent.triggers import frame_area_nm2
 
 __all__ = ["DashboardData", "DataError"]
