@@ -16,7 +16,7 @@ from stm_agent.adapters.zmq_io import Subscriber
 from stm_agent.agent.cli import app
 from stm_agent.agent.config import load_config
 from stm_agent.agent.daemon import Agent
-from stm_agent.agent.hooks import display_dir
+from stm_agent.adapters.outputs import display_dir
 
 SCAN = "au111_adsorbates_10nm_256_up.sxm"  # 3 whole adsorbates
 PARTIAL = "porphyrin_dimer_96_up_partial16pct.sxm"  # 84 % of the lines acquired
