@@ -34,8 +34,7 @@ summed over classes and `other` (true `other` = 0). Macro = mean over classes wi
 TARGETS = """## Targets of issue 10 (default configuration, K = 1, 10 draws)
 
 | target | set | measured | met |
-|---|---|---|---|
-"""
+|---|---|---|---|"""
 
 
 def pm(d: dict) -> str:
@@ -149,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     a = ap.parse_args(argv)
     reps = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(a.results.glob("*.json"))}
-    reps = {k: v for k, v in reps.items() if "argmax" in next(iter(v["results"].values()))["summary"]}
+    reps = {k: v for k, v in reps.items()  # evaluation reports of this format only (not discovery.json ...)
+            if v.get("results") and "argmax" in next(iter(v["results"].values()))["summary"]}
     lines = [HEADER, *targets(reps), *overview(reps), "## Runs", ""]
     for name, rep in reps.items():
         lines += run_table(name, rep)
