@@ -52,6 +52,31 @@ class FrameDetection:
     report: DetectionReport
 
 
+def flattened_channel(scan: Scan, cfg: AgentConfig, library_channel: str | None = None) -> tuple[str, dict, np.ndarray]:
+    """Choose the channel of ``scan`` (:func:`agent.channel.choose_channel`), turn it signal-up and
+    flatten it: the first step of :func:`detect_frame` and :meth:`Recognizer.recognise`.
+
+    Returns
+    -------
+    (channel, channel_info, image) : the channel analysed, how it was chosen (a ``warning`` in it is
+    logged here), and the flattened float32 ``(ny, nx)`` frame (NaN where not acquired).
+
+    Raises
+    ------
+    EmptyScanError
+        The frame holds no acquired pixel.
+    ChannelError
+        The channel is absent (message lists what the scan has).
+    """
+    channel, cinfo = choose_channel(scan, cfg.channel, cfg.channel_candidates, library_channel, cfg.direction)
+    if cinfo.get("warning"):
+        log.warning("%s: %s", scan.source, cinfo["warning"])
+    frame = signal_up(scan.frame(channel, cfg.direction), scan.units.get(channel))
+    if not np.isfinite(frame).any():
+        raise EmptyScanError(scan.source, f"channel {channel} {cfg.direction} has no acquired pixel")
+    return channel, cinfo, flatten(frame, plane=cfg.flatten.plane, rows=cfg.flatten.rows)
+
+
 def detect_frame(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float] | None = None,
                  library_channel: str | None = None, templates: list[Template] | None = None) -> FrameDetection:
     """Choose the channel, flatten it, and detect the objects of ``scan``.
@@ -75,13 +100,7 @@ def detect_frame(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float]
     ChannelError
         The channel is absent (message lists what the scan has).
     """
-    channel, cinfo = choose_channel(scan, cfg.channel, cfg.channel_candidates, library_channel, cfg.direction)
-    if cinfo.get("warning"):
-        log.warning("%s: %s", scan.source, cinfo["warning"])
-    frame = signal_up(scan.frame(channel, cfg.direction), scan.units.get(channel))
-    if not np.isfinite(frame).any():
-        raise EmptyScanError(scan.source, f"channel {channel} {cfg.direction} has no acquired pixel")
-    image = flatten(frame, plane=cfg.flatten.plane, rows=cfg.flatten.rows)
+    channel, cinfo, image = flattened_channel(scan, cfg, library_channel)
     regions, report = detect_objects(image, scan.pixel_size_nm, cfg.segment, reference_extents_nm,
                                      pixel_size_known=scan.units.get(channel) != "a.u.", templates=templates)
     if cinfo.get("warning") and report.note:
@@ -458,14 +477,7 @@ class Recognizer:
         """
         cfg = self.cfg
         t0 = time.perf_counter()
-        channel, cinfo = choose_channel(scan, cfg.channel, cfg.channel_candidates, self.library_channel,
-                                        cfg.direction)
-        if cinfo.get("warning"):
-            log.warning("%s: %s", scan.source, cinfo["warning"])
-        frame = signal_up(scan.frame(channel, cfg.direction), scan.units.get(channel))
-        if not np.isfinite(frame).any():
-            raise EmptyScanError(scan.source, f"channel {channel} {cfg.direction} has no acquired pixel")
-        image = flatten(frame, plane=cfg.flatten.plane, rows=cfg.flatten.rows)
+        channel, cinfo, image = flattened_channel(scan, cfg, self.library_channel)
         t1 = time.perf_counter()
         regions, report = detect_objects(image, scan.pixel_size_nm, cfg.segment, self.reference_extents_nm,
                                          pixel_size_known=scan.units.get(channel) != "a.u.",
