@@ -66,6 +66,7 @@ import json
 import os
 import sqlite3
 import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -258,19 +259,26 @@ class ResultStore:
             self._store_lock.release()
             self._store_lock = None
 
-    def _number_old_frames(self) -> None:
-        """Give frames recorded by a schema < 3 store a ``frame_seq`` (in record order)."""
+    @contextmanager
+    def _immediate(self):
+        """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction (read and write under one write lock:
+        atomic across processes); ROLLBACK on any error, which is re-raised."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            top = self._db.execute("SELECT COALESCE(MAX(frame_seq), 0) FROM frames").fetchone()[0]
-            ids = [r[0] for r in self._db.execute("SELECT rowid FROM frames WHERE frame_seq IS NULL ORDER BY rowid")]
-            self._db.executemany("UPDATE frames SET frame_seq = ? WHERE rowid = ?",
-                                 [(top + i + 1, rid) for i, rid in enumerate(ids)])
+            yield self._db
             self._db.execute("COMMIT")
         except BaseException:
             if self._db.in_transaction:  # SQLite may have rolled back itself (disk full)
                 self._db.execute("ROLLBACK")
             raise
+
+    def _number_old_frames(self) -> None:
+        """Give frames recorded by a schema < 3 store a ``frame_seq`` (in record order)."""
+        with self._immediate() as db:
+            top = db.execute("SELECT COALESCE(MAX(frame_seq), 0) FROM frames").fetchone()[0]
+            ids = [r[0] for r in db.execute("SELECT rowid FROM frames WHERE frame_seq IS NULL ORDER BY rowid")]
+            db.executemany("UPDATE frames SET frame_seq = ? WHERE rowid = ?",
+                           [(top + i + 1, rid) for i, rid in enumerate(ids)])
 
     # ------------------------------------------------------------------ writing
     def _insert(self, row: dict[str, Any], message: dict[str, Any] | None) -> bool:
@@ -280,24 +288,18 @@ class ResultStore:
         a committed row) and written into ``message`` (in place) before it is stored."""
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    known = self._db.execute("SELECT 1 FROM frames WHERE frame_id = ?", (row["frame_id"],)).fetchone()
+                with self._immediate() as db:
+                    known = db.execute("SELECT 1 FROM frames WHERE frame_id = ?", (row["frame_id"],)).fetchone()
                     if known is None:
-                        n = int(self._db.execute("SELECT COALESCE(MAX(frame_seq), 0) + 1 FROM frames").fetchone()[0])
+                        n = int(db.execute("SELECT COALESCE(MAX(frame_seq), 0) + 1 FROM frames").fetchone()[0])
                         row["frame_seq"] = n
                         if message is not None:
                             message["frame_seq"] = n
                             row["message"] = _dumps(message)
                         cols = ", ".join(row)
                         marks = ", ".join("?" for _ in row)
-                        self._db.execute(f"INSERT INTO frames ({cols}) VALUES ({marks})", tuple(row.values()))
-                    self._db.execute("DELETE FROM inbox WHERE frame_id = ?", (row["frame_id"],))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:  # SQLite may have rolled back itself (disk full)
-                        self._db.execute("ROLLBACK")
-                    raise
+                        db.execute(f"INSERT INTO frames ({cols}) VALUES ({marks})", tuple(row.values()))
+                    db.execute("DELETE FROM inbox WHERE frame_id = ?", (row["frame_id"],))
             except sqlite3.Error as exc:
                 raise StoreError(self.path or ":memory:", f"cannot record frame {row['frame_id']} ({exc})") from exc
             return known is None
@@ -517,18 +519,12 @@ class ResultStore:
         """
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")  # read and write under one write lock: atomic across processes
-                try:
-                    r = self._db.execute("SELECT value FROM meta WHERE key = 'seq_reserved'").fetchone()
+                with self._immediate() as db:
+                    r = db.execute("SELECT value FROM meta WHERE key = 'seq_reserved'").fetchone()
                     first = int(r[0]) + 1 if r is not None else 1
-                    self._db.execute("INSERT INTO meta (key, value) VALUES ('seq_reserved', ?) "
-                                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                                     (str(first + block - 1),))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:  # SQLite may have rolled back itself (disk full)
-                        self._db.execute("ROLLBACK")
-                    raise
+                    db.execute("INSERT INTO meta (key, value) VALUES ('seq_reserved', ?) "
+                               "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                               (str(first + block - 1),))
             except sqlite3.Error as exc:
                 raise StoreError(self.path or ":memory:", f"cannot reserve sequence numbers ({exc})") from exc
             return first

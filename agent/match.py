@@ -208,17 +208,42 @@ def match(
     return assign(scores, best, refs, threshold)
 
 
+def decide(scores: np.ndarray, threshold: float | np.ndarray, ratio: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Best species of each object and whether it is accepted (threshold and ratio test).
+
+    Parameters
+    ----------
+    scores : float ``(N, K)`` best cosine similarity to each species.
+    threshold : float or float ``(N,)``
+    ratio : float
+        Accept only when ``(1 - s_best) <= ratio * (1 - s_second)`` (K >= 2; 1 = off).
+
+    Returns
+    -------
+    (best, accepted) : int ``(N,)``, bool ``(N,)``.
+    """
+    s = np.asarray(scores, np.float64)
+    n, k = s.shape
+    if n == 0 or k == 0:
+        return np.zeros(n, np.int64), np.zeros(n, bool)
+    best = np.argmax(s, axis=1)
+    top = s[np.arange(n), best]
+    ok = (top >= np.asarray(threshold, np.float64)) & (top > -1.0 + 1e-6)  # -1: no (size-compatible) reference
+    if k >= 2 and ratio < 1.0:
+        second = np.partition(s, k - 2, axis=1)[:, k - 2]
+        ok &= (1.0 - top) <= ratio * (1.0 - second) + 1e-12
+    return best.astype(np.int64), ok
+
+
 def assign(
     scores: np.ndarray, best: np.ndarray, refs: RefEmbeddings, threshold: float = 0.9, ratio: float = 1.0
 ) -> tuple[list[str], np.ndarray, list[tuple[float, bool]]]:
     """The decision step of :func:`match`, from :func:`species_scores`' ``(scores, best_row)``:
     the best species when its similarity is at least ``threshold`` and it passes the distance-ratio
-    test (:func:`agent.threshold.decide`, ``ratio`` 1 = off), else ``other``.
+    test (:func:`decide`, ``ratio`` 1 = off), else ``other``.
 
     Returns the same ``(species, similarity, pose)`` as :func:`match`.
     """
-    from stm_agent.agent.threshold import decide
-
     n = len(scores)
     if n == 0 or scores.shape[1] == 0:
         return [OTHER] * n, np.zeros(n, np.float32), [(0.0, False)] * n

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from stm_agent.agent.match import RefEmbeddings
+from stm_agent.agent.match import RefEmbeddings, decide  # noqa: F401  (decide: the decision step, re-exported)
 
 #: conformal level: the share of background windows allowed to pass as a species
 ALPHA = 0.05
@@ -199,33 +199,6 @@ def null_scores(image: np.ndarray, pixel_size_nm: tuple[float, float], boxes_px:
         sc = (e @ refs.emb[refs.species_idx == s].T).max(axis=1).astype(np.float64)
         best = np.maximum(best, sc)
     return best
-
-
-def decide(scores: np.ndarray, threshold: float | np.ndarray, ratio: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Best species of each object and whether it is accepted (threshold and ratio test).
-
-    Parameters
-    ----------
-    scores : float ``(N, K)`` best cosine similarity to each species.
-    threshold : float or float ``(N,)``
-    ratio : float
-        Accept only when ``(1 - s_best) <= ratio * (1 - s_second)`` (K >= 2; 1 = off).
-
-    Returns
-    -------
-    (best, accepted) : int ``(N,)``, bool ``(N,)``.
-    """
-    s = np.asarray(scores, np.float64)
-    n, k = s.shape
-    if n == 0 or k == 0:
-        return np.zeros(n, np.int64), np.zeros(n, bool)
-    best = np.argmax(s, axis=1)
-    top = s[np.arange(n), best]
-    ok = (top >= np.asarray(threshold, np.float64)) & (top > -1.0 + 1e-6)  # -1: no (size-compatible) reference
-    if k >= 2 and ratio < 1.0:
-        second = np.partition(s, k - 2, axis=1)[:, k - 2]
-        ok &= (1.0 - top) <= ratio * (1.0 - second) + 1e-12
-    return best.astype(np.int64), ok
 
 
 def auto_threshold(null: np.ndarray, alpha: float = ALPHA, ratio: float = RATIO) -> ThresholdChoice:
