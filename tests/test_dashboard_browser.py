@@ -138,6 +138,7 @@ def test_dashboard_live_frame_series_and_one_click_reference(browser, sxm_dir, t
         page.click("#pick-add")
         page.wait_for_function("document.getElementById('pick-msg').innerText.includes('added adsorbate')",
                                timeout=15_000)
+        page.wait_for_selector("#refs .card[data-species=adsorbate]", timeout=10_000)
         assert page.locator("#refs .card[data-species=adsorbate]").count() == 1
         end = time.monotonic() + 20
         while agent.hooks.reloads < 1:

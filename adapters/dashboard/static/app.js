@@ -187,9 +187,9 @@ async function addReference(ev) {
   try {
     const r = await api("/api/references", { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ frame_id: state.shown, x_px: d.centroid_px[0], y_px: d.centroid_px[1], species }) });
+    await loadRefs();  // the gallery shows it before the page says so
     $("pick-msg").className = "okmsg";
     $("pick-msg").textContent = `added ${r.species}/${r.id}; the agent uses it from the next frame`;
-    await loadRefs();
   } catch (e) {
     $("pick-msg").className = "err"; $("pick-msg").textContent = String(e.message || e);
   }
@@ -299,8 +299,12 @@ function drawTriggers() {
       el("div", { class: "sub", text: `${time(e.fired_at)} · ${e.name} · ${acts}` })));
   }
 }
+let refsAsked = 0;
 async function loadRefs() {
+  // several loads may overlap (a click, the "references" event): only the latest one is drawn
+  const mine = ++refsAsked;
   const r = await api("/api/references");
+  if (mine !== refsAsked) return;
   state.refs = r.references;
   updateSpecies();
   const box = $("refs");
