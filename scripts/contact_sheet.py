@@ -1,6 +1,6 @@
 """Contact sheet: default-config, no-reference overlays of every shared real .sxm scan in one PNG.
 
-    python scripts/contact_sheet.py --out /tmp/sheet [--data ../shared/data/sxm] [--config my.yaml]
+    python scripts/contact_sheet.py --out sheet [--data ../shared/data/sxm] [--config my.yaml]
 
 Each tile is the overlay the agent writes for a scan (:func:`adapters.outputs.render_overlay`:
 boxes of the detected objects, counts, encoder, channel and detector in the legend), reduced to a

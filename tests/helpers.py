@@ -212,3 +212,44 @@ class CountingEncoder(PixelEncoder):
     def embed(self, crops):
         self.n += len(crops)
         return super().embed(crops)
+
+
+def agent_session(tmp: Path, scans: list[Path], **overrides) -> tuple[AgentConfig, Agent, list[dict]]:
+    """Run an in-process agent on ``tmp`` (acquisition, store, references under it), copy ``scans``
+    into its folder one by one, wait for each frame.counts, stop it.
+
+    ``overrides`` are merged into the config (e.g. ``bluesky={...}``, ``triggers=[...]``).
+    Returns the config, the stopped agent and the frame.counts messages, in scan order.
+    """
+    from stm_agent.agent.config import load_config
+
+    cfg = load_config(overrides={
+        "references": {"folder": str(tmp / "refs")},
+        "acquisition": {"folder": str(tmp / "acq"), "settle_s": 0.3},
+        "results": {"store": str(tmp / "results.sqlite")},
+        "publish": {"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0.2, "query_endpoint": None},
+        **overrides,
+    })
+    agent = Agent(cfg)
+    sub = Subscriber(agent.endpoint, ["frame.counts", "agent.heartbeat"])
+    th = threading.Thread(target=agent.run, daemon=True)
+    th.start()
+    msgs = []
+    try:
+        end = time.monotonic() + 10
+        while (got := sub.recv(timeout_ms=100)) is None or got[0] != "agent.heartbeat":
+            assert time.monotonic() < end, "the agent sent no heartbeat"
+        for src in scans:
+            shutil.copy(src, tmp / "acq" / src.name)
+            end = time.monotonic() + 30
+            while True:
+                assert time.monotonic() < end, f"no frame.counts for {src.name}"
+                got = sub.recv(timeout_ms=100)
+                if got and got[0] == "frame.counts" and got[1]["name"] == src.name:
+                    msgs.append(got[1])
+                    break
+    finally:
+        agent.stop()
+        th.join(20)
+        sub.close()
+    return cfg, agent, msgs

@@ -4,17 +4,12 @@ valid against event-model's JSON schemas, with the counts it published."""
 from __future__ import annotations
 
 import json
-import shutil
-import threading
-import time
 
 import pytest
 from event_model import DocumentNames, schema_validators
 
 from stm_agent.adapters.bluesky import BlueskyRecorder, data_key
-from stm_agent.adapters.zmq_io import Subscriber
-from stm_agent.agent.config import load_config
-from stm_agent.agent.daemon import Agent
+from tests.helpers import agent_session
 
 SCANS = ["cu111_tcne_molecules_6nm_256_up.sxm", "graphene_tcne_monolayer_4nm_256_down.sxm"]
 BROKEN = "bad"  # folder of broken files: their frames are errors, not events
@@ -25,36 +20,10 @@ def validate_doc(name: str, doc: dict) -> None:
 
 
 def test_agent_session_as_valid_event_model_documents(sxm_dir, tmp_path):
-    cfg = load_config(overrides={
-        "references": {"folder": str(tmp_path / "refs")},
-        "acquisition": {"folder": str(tmp_path / "acq"), "settle_s": 0.3},
-        "results": {"store": str(tmp_path / "results.sqlite")},
-        "publish": {"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0.2, "query_endpoint": None},
-        "bluesky": {"enabled": True, "folder": str(tmp_path / "bluesky")},
-    })
-    agent = Agent(cfg)
-    sub = Subscriber(agent.endpoint, ["frame.counts", "agent.heartbeat"])
-    th = threading.Thread(target=agent.run, daemon=True)
-    th.start()
-    published = []
-    try:
-        end = time.monotonic() + 10
-        while (got := sub.recv(timeout_ms=100)) is None or got[0] != "agent.heartbeat":
-            assert time.monotonic() < end
-        bad = sorted((sxm_dir / BROKEN).glob("*.sxm"))[0]
-        for src in [sxm_dir / SCANS[0], bad, sxm_dir / SCANS[1]]:
-            shutil.copy(src, tmp_path / "acq" / src.name)
-            end = time.monotonic() + 30
-            while True:
-                assert time.monotonic() < end, f"no frame.counts for {src.name}"
-                got = sub.recv(timeout_ms=100)
-                if got and got[0] == "frame.counts" and got[1]["name"] == src.name:
-                    published.append(got[1])
-                    break
-    finally:
-        agent.stop()
-        th.join(20)
-        sub.close()
+    bad = sorted((sxm_dir / BROKEN).glob("*.sxm"))[0]
+    cfg, agent, published = agent_session(
+        tmp_path, [sxm_dir / SCANS[0], bad, sxm_dir / SCANS[1]],
+        bluesky={"enabled": True, "folder": str(tmp_path / "bluesky")})
     assert [m["status"] for m in published] == ["ok", "error", "ok"]
     (path,) = (tmp_path / "bluesky").glob("*.jsonl")
     docs = [json.loads(line) for line in path.read_text().splitlines()]

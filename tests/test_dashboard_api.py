@@ -4,17 +4,12 @@ token; edits need the token)."""
 
 from __future__ import annotations
 
-import shutil
-import threading
-import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from stm_agent.adapters.dashboard.app import create_app
-from stm_agent.adapters.zmq_io import Subscriber
-from stm_agent.agent.config import load_config
-from stm_agent.agent.daemon import Agent
+from tests.helpers import agent_session
 
 SCAN = "au111_adsorbates_10nm_256_up.sxm"
 PARTIAL = "porphyrin_dimer_96_up_partial16pct.sxm"
@@ -25,35 +20,8 @@ BAD = "bad/not_an_sxm.sxm"
 def stopped_agent(sxm_dir, tmp_path_factory):
     """Config and frame.counts messages of an agent that processed 3 real files and stopped."""
     tmp = tmp_path_factory.mktemp("dash")
-    cfg = load_config(overrides={
-        "references": {"folder": str(tmp / "refs")},
-        "acquisition": {"folder": str(tmp / "acq"), "settle_s": 0.3},
-        "results": {"store": str(tmp / "results.sqlite")},
-        "publish": {"endpoint": "tcp://127.0.0.1:*", "heartbeat_s": 0.2, "query_endpoint": None},
-        "triggers": [{"name": "crowded", "metric": "count", "value": 1}],
-    })
-    agent = Agent(cfg)
-    sub = Subscriber(agent.endpoint, ["frame.counts", "agent.heartbeat"])
-    th = threading.Thread(target=agent.run, daemon=True)
-    th.start()
-    msgs = []
-    try:
-        end = time.monotonic() + 10
-        while (got := sub.recv(timeout_ms=100)) is None or got[0] != "agent.heartbeat":
-            assert time.monotonic() < end
-        for name in (SCAN, PARTIAL, BAD):
-            shutil.copy(sxm_dir / name, tmp / "acq")
-            end = time.monotonic() + 30
-            while True:
-                assert time.monotonic() < end
-                got = sub.recv(timeout_ms=100)
-                if got and got[0] == "frame.counts" and got[1]["name"] == name.split("/")[-1]:
-                    msgs.append(got[1])
-                    break
-    finally:
-        agent.stop()
-        th.join(20)
-        sub.close()
+    cfg, _, msgs = agent_session(tmp, [sxm_dir / n for n in (SCAN, PARTIAL, BAD)],
+                                 triggers=[{"name": "crowded", "metric": "count", "value": 1}])
     return cfg, msgs
 
 
