@@ -38,7 +38,7 @@ def species_colours(species: list[str]) -> dict[str, tuple[int, int, int]]:
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
-    """float (ny, nx) with NaN -> uint8 grey, robust 1-99 % stretch; NaN rows drawn black."""
+    """float (ny, nx) with NaN -> uint8 grey, robust 1-99 % stretch; NaN (not acquired) -> 0 (hatched later)."""
     finite = np.isfinite(image)
     out = np.zeros(image.shape, np.uint8)
     if finite.any():
@@ -83,6 +83,13 @@ def render_overlay(result: FrameResult, image: np.ndarray, pixel_size_nm: tuple[
     sy = scale * (dy / dx)
     W, H = max(int(round(nx * sx)), 1), max(int(round(ny * sy)), 1)
     canvas = cv2.cvtColor(cv2.resize(_grey(image), (W, H), interpolation=cv2.INTER_NEAREST), cv2.COLOR_GRAY2BGR)
+    missing = cv2.resize((~np.isfinite(image)).astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST).astype(bool)
+    if missing.any():
+        # lines not acquired: diagonal hatching, never black data
+        yy, xx = np.indices((H, W))
+        stripe = ((xx + yy) // max(4, W // 80)) % 2 == 0
+        canvas[missing & stripe] = (70, 55, 55)
+        canvas[missing & ~stripe] = (40, 32, 32)
     species = [s for s in result.counts]
     colours = species_colours(species)
     thick = max(1, int(round(W / 500)))
@@ -129,13 +136,31 @@ def render_overlay(result: FrameResult, image: np.ndarray, pixel_size_nm: tuple[
     extra = [f"channel: {result.channel}"] if result.channel else []
     if det.get("method"):
         size = det.get("object_size_nm")
-        extra.append(f"detector: {det['method']}" + (f" {size:.3g} nm ({det.get('size_source')})" if size else ""))
+        extra.append(f"detector: {det['method']}" + (f", objects {size:.3g} nm" if size else ""))
+        if size and det.get("size_source"):
+            extra.append(f"  size: {det['size_source']}")
     if det.get("note"):
-        extra.append(str(det["note"])[:40])
+        extra.append(str(det["note"]))
+    if missing.any():
+        extra.append(f"hatched: not acquired ({missing.mean():.0%})")
     for text in extra:
         ytxt += line
-        cv2.putText(legend, text, (12, ytxt), cv2.FONT_HERSHEY_SIMPLEX, fs * 0.8, (170, 170, 170), 1, cv2.LINE_AA)
+        cv2.putText(legend, _fit(text, fs * 0.8, legend_w - 20), (12, ytxt), cv2.FONT_HERSHEY_SIMPLEX, fs * 0.8,
+                    (170, 170, 170), 1, cv2.LINE_AA)
     return np.concatenate([canvas, legend], axis=1)
+
+
+def _fit(text: str, font_scale: float, width_px: int) -> str:
+    """``text`` cut (with "...") to fit ``width_px`` in Hershey simplex at ``font_scale``."""
+    def w(t: str) -> int:
+        return cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)[0][0]
+    if w(text) <= width_px:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:  # longest prefix that fits with the ellipsis
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if w(text[:mid] + "...") <= width_px else (lo, mid - 1)
+    return text[:lo] + "..."
 
 
 def write_result_files(result: FrameResult, out_dir: Path, stem: str, *, write_json: bool = True,
