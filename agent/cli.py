@@ -245,7 +245,7 @@ def refs_add(
     """Add one example of SPECIES to the reference library (or a discovered cluster's medoids)."""
     from stm_agent.adapters.references import ReferenceLibrary
     from stm_agent.adapters.scanfile import read_scan
-    from stm_agent.agent.pipeline import reference_crop_at
+    from stm_agent.agent.pipeline import library_defect_sizes, reference_crop_at
 
     cfg = _config(config, refs)
     lib = ReferenceLibrary(cfg.references.folder)
@@ -274,12 +274,17 @@ def refs_add(
                 raise typer.BadParameter("give --scan FILE --at X,Y (or --image CROP.png --pixel-size NM)")
             x, y = _parse_xy(at)
             s = read_scan(scan, pixel_size_nm=pixel_size)
-            crop, psize, prov = reference_crop_at(s, x, y, units="px" if px else "nm", cfg=cfg)
+            # a library of lattice defects: the lattice route (segment.method auto) at their size
+            sizes = library_defect_sizes([(e.pixel_size_nm, e.provenance, e.extent_nm) for e in lib.entries(require=False)])
+            crop, psize, prov = reference_crop_at(s, x, y, units="px" if px else "nm", cfg=cfg, defect_sizes_nm=sizes)
             path = lib.add(species, crop, psize, prov)
     except StmAgentError as e:
         fail(e)
     n = sum(1 for e in lib.entries() if e.species == species)
     console.print(f"added reference {n} of [bold]{esc(species)}[/]: {esc(path)}", soft_wrap=True)
+    if prov.get("detector") == "lattice":
+        kind = "protrusion" if prov.get("contrast", 0) > 0 else "depression"
+        console.print(f"  a lattice defect ({kind}), cut from the lattice-free frame", highlight=False)
     if "position_nm" in prov:  # which object was taken (the nearest segmented one)
         (xn, yn), (xp, yp) = prov["position_nm"], prov["position_px"]
         console.print(f"  the object at {xn:.3f}, {yn:.3f} nm ({xp:.0f}, {yp:.0f} px), "

@@ -118,9 +118,12 @@ class FlattenConfig(_Strict):
 
 class SegmentConfig(_Strict):
     """Object detection (:mod:`agent.detect`): method, object size, polarity; the threshold methods'
-    size window."""
+    size window. ``lattice``: point defects on a resolved crystal lattice (:mod:`agent.lattice`: FFT
+    Bragg-peak removal, defects of both polarities), classified few-shot against the references
+    (:mod:`agent.fewshot`); ``auto`` takes it when the references are lattice defects and the frame
+    is a resolved lattice."""
 
-    method: Literal["auto", "scale", "template", "otsu", "value"] = "auto"
+    method: Literal["auto", "scale", "template", "otsu", "value", "lattice"] = "auto"
     object_size_nm: float | None = Field(None, gt=0)
     threshold: float | None = None
     polarity: Literal["bright", "dark", "both"] = "bright"

@@ -25,11 +25,17 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["DefectFeatures", "defect_features", "SimpleShot", "BLOCK_WEIGHTS"]
+__all__ = ["DefectFeatures", "defect_features", "robust_stats", "SimpleShot", "BLOCK_WEIGHTS", "DefectReference",
+           "classify_defects", "WINDOW_FACTOR", "REFERENCE_CROP_FACTOR"]
 
 #: Block weights (pixels, radial profile, descriptors): equal.
 BLOCK_WEIGHTS = {"pixels": 1.0, "radial": 1.0, "descriptors": 1.0}
 SIDE = 16
+#: Feature window side, in the examples' median defect size (the defect and its lattice surround).
+WINDOW_FACTOR = 2.0
+#: A defect reference is cut this many times its own size wide, so that the window of a library
+#: whose median size is up to twice this reference's fits in it.
+REFERENCE_CROP_FACTOR = 2.0 * WINDOW_FACTOR
 
 
 @dataclass
@@ -66,8 +72,19 @@ def _rings() -> np.ndarray:
 _RING = _rings()
 
 
+def robust_stats(image: np.ndarray) -> tuple[float, float]:
+    """``(median, 1.4826 MAD)`` of the finite pixels of a frame (the unit of the ``pixels`` block)."""
+    img = np.asarray(image, np.float64)
+    v = img[np.isfinite(img)]
+    if v.size == 0:
+        return 0.0, 1.0
+    med = float(np.median(v))
+    return med, 1.4826 * float(np.median(np.abs(v - med))) or float(v.std()) or 1.0
+
+
 def defect_features(image: np.ndarray, boxes_px: np.ndarray, pixel_size_nm: tuple[float, float],
-                    window_px: float, masks: list[np.ndarray] | None = None) -> DefectFeatures:
+                    window_px: float, masks: list[np.ndarray] | None = None,
+                    stats: tuple[float, float] | None = None) -> DefectFeatures:
     """Feature blocks of the objects in ``boxes_px`` of one frame.
 
     Parameters
@@ -82,6 +99,9 @@ def defect_features(image: np.ndarray, boxes_px: np.ndarray, pixel_size_nm: tupl
         Side of the square window around each box centre, pixels.
     masks : list of bool arrays | None
         Object masks inside the boxes (segmented defects); None = half-maximum masks.
+    stats : (median, sigma) | None
+        The frame's robust statistics (:func:`robust_stats`) when ``image`` is a crop of it (a
+        reference); None = measured on ``image``.
 
     Returns
     -------
@@ -91,8 +111,7 @@ def defect_features(image: np.ndarray, boxes_px: np.ndarray, pixel_size_nm: tupl
 
     img = np.asarray(image, np.float64)
     fin = np.isfinite(img)
-    med = float(np.median(img[fin]))
-    mad = 1.4826 * float(np.median(np.abs(img[fin] - med))) or float(img[fin].std()) or 1.0
+    med, mad = stats if stats is not None else robust_stats(img)
     z = np.where(fin, (img - med) / mad, 0.0).astype(np.float32)
     b = np.asarray(boxes_px, np.float64).reshape(-1, 4)
     n = len(b)
@@ -188,3 +207,115 @@ class SimpleShot:
         if len(f) == 0:
             return []
         return [self.classes[i] for i in self.scores(f).argmax(axis=1)]
+
+
+@dataclass
+class DefectReference:
+    """One labelled example of a defect species (a reference of the library, K per species).
+
+    Attributes
+    ----------
+    species : str
+    crop : float ``(h, w)`` lattice-free crop centred on the defect (physical units of the frame).
+    pixel_size_nm : (dx, dy) of the crop, nm.
+    box_px : (w, h) of the defect's box, pixels of the crop.
+    stats : (median, sigma) of the frame the crop was cut from (:func:`robust_stats`).
+    contrast : +1 protrusion, -1 depression, 0 unknown.
+    """
+
+    species: str
+    crop: np.ndarray
+    pixel_size_nm: tuple[float, float]
+    box_px: tuple[float, float]
+    stats: tuple[float, float]
+    contrast: int = 0
+
+    @property
+    def size_nm(self) -> float:
+        """Mean side of the defect's box, nm."""
+        return 0.5 * (self.box_px[0] * self.pixel_size_nm[0] + self.box_px[1] * self.pixel_size_nm[1])
+
+    def features(self, window_nm: float) -> DefectFeatures:
+        h, w = self.crop.shape
+        bw, bh = self.box_px
+        box = np.array([[(w - bw) / 2.0, (h - bh) / 2.0, bw, bh]])
+        return defect_features(self.crop, box, self.pixel_size_nm, window_nm / self.pixel_size_nm[0],
+                               stats=self.stats)
+
+
+def classify_defects(residual: np.ndarray, boxes_px: np.ndarray, contrasts: np.ndarray,
+                     pixel_size_nm: tuple[float, float], refs: list[DefectReference],
+                     threshold: float | str = "auto", alpha: float = 0.05,
+                     size_tolerance: float | None = 1.5) -> dict:
+    """Classify the defects of a lattice-free frame against the library's examples (SimpleShot).
+
+    Each species' prototype is the CL2N mean of its K references (:class:`SimpleShot`; the session
+    = this frame's defects + the references). A species is ruled out for a defect of the other
+    polarity than all its references (protrusion vs depression: the Peak/Trough of the WSe2
+    classes), and, with ``size_tolerance``, for a defect whose size differs from every reference of
+    that species by more than that factor. The best remaining species is kept when its cosine
+    reaches the threshold: a number, or ``auto``: the conformal threshold (level ``alpha``) of the
+    frame's own background windows of the residual, away from every defect, scored like the defects
+    (Bates et al., Ann. Stat. 51 (2023) 149; the null of :mod:`agent.threshold`).
+
+    Parameters
+    ----------
+    residual : float ``(ny, nx)`` lattice-free frame (NaN allowed).
+    boxes_px : float ``(N, 4)`` defect boxes; contrasts : int ``(N,)`` +1 / -1.
+    pixel_size_nm : (dx, dy) nm.
+    refs : the library's references (at least one).
+    threshold, alpha, size_tolerance : as ``match.threshold``, ``match.alpha``, ``match.size_tolerance``.
+
+    Returns
+    -------
+    dict with ``species`` (sorted names), ``names`` (N best species or ``other``), ``similarity``
+    float ``(N,)``, ``scores`` float ``(N, S)`` (-1 where ruled out), ``threshold``
+    (:class:`agent.threshold.ThresholdChoice`), ``window_nm``, ``k`` (references per species).
+    """
+    from stm_agent.agent.domain import OTHER
+    from stm_agent.agent.threshold import ThresholdChoice, background_centres, conformal_threshold
+
+    if not refs:
+        raise ValueError("classify_defects needs at least one reference")
+    boxes = np.asarray(boxes_px, np.float64).reshape(-1, 4)
+    dx = float(pixel_size_nm[0])
+    win_nm = WINDOW_FACTOR * float(np.median([r.size_nm for r in refs]))
+    stats = robust_stats(residual)
+    q = defect_features(residual, boxes, pixel_size_nm, win_nm / dx, stats=stats)
+    rf = DefectFeatures.concat([r.features(win_nm) for r in refs])
+    labels = [r.species for r in refs]
+    clf = SimpleShot(DefectFeatures.concat([q, rf])).fit(rf, labels)
+    species = clf.classes
+    scores = clf.scores(q) if len(q) else np.zeros((0, len(species)))
+    # rule out species of the other polarity / another size
+    contrasts = np.asarray(contrasts).reshape(-1)
+    for k, sp in enumerate(species):
+        mine = [r for r in refs if r.species == sp]
+        pol = {r.contrast for r in mine} - {0}
+        if pol and len(q):
+            scores[~np.isin(contrasts, list(pol)), k] = -1.0
+        if size_tolerance is not None and len(q):
+            qs = 0.5 * (boxes[:, 2] * dx + boxes[:, 3] * float(pixel_size_nm[1]))
+            rs = np.array([r.size_nm for r in mine])
+            ratio = np.max([qs[:, None] / rs[None, :], rs[None, :] / qs[:, None]], axis=0).min(axis=1)
+            scores[ratio > size_tolerance, k] = -1.0
+    if threshold != "auto":
+        thr = ThresholdChoice(float(threshold), ratio=1.0)
+    else:
+        valid = np.isfinite(np.asarray(residual, np.float64))
+        cen = background_centres(residual.shape, boxes, win_nm / dx, None if valid.all() else valid)
+        if len(cen):
+            side = min(boxes[:, 2:].mean(), win_nm / dx / WINDOW_FACTOR) if len(boxes) else win_nm / dx / WINDOW_FACTOR
+            nb = np.column_stack([cen - side / 2.0, np.full((len(cen), 2), side)])
+            null = clf.scores(defect_features(residual, nb, pixel_size_nm, win_nm / dx, stats=stats)).max(axis=1)
+            thr = ThresholdChoice(conformal_threshold(null, alpha), mode="auto", method="conformal background",
+                                  ratio=1.0, alpha=alpha, n_null=int(len(null)), null_max=float(null.max()),
+                                  null_median=float(np.median(null)))
+        else:
+            thr = ThresholdChoice(-1.0, mode="auto", method="no null sample", ratio=1.0, alpha=alpha,
+                                  reason="no background window free of defects: nearest prototype only")
+    best = scores.argmax(axis=1) if len(q) else np.zeros(0, int)
+    sim = scores[np.arange(len(best)), best] if len(q) else np.zeros(0)
+    names = [species[b] if s > -1.0 and s >= thr.value else OTHER for b, s in zip(best, sim)]
+    return {"species": species, "names": names, "similarity": sim, "scores": scores, "threshold": thr,
+            "window_nm": win_nm, "k": {sp: labels.count(sp) for sp in species}}

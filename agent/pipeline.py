@@ -43,6 +43,8 @@ class FrameDetection:
     regions : the detected objects.
     channel : the channel analysed; ``channel_info`` how it was chosen (:func:`agent.channel.choose_channel`).
     report : :class:`agent.detect.DetectionReport` (detector, object size and its source, note).
+    residual : float64 ``(ny, nx)`` lattice-free frame when the lattice route found the objects
+        (:mod:`agent.lattice`), else None.
     """
 
     image: np.ndarray
@@ -50,6 +52,7 @@ class FrameDetection:
     channel: str
     channel_info: dict[str, Any]
     report: DetectionReport
+    residual: np.ndarray | None = None
 
 
 def flattened_channel(scan: Scan, cfg: AgentConfig, library_channel: str | None = None) -> tuple[str, dict, np.ndarray]:
@@ -78,7 +81,8 @@ def flattened_channel(scan: Scan, cfg: AgentConfig, library_channel: str | None 
 
 
 def detect_frame(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float] | None = None,
-                 library_channel: str | None = None, templates: list[Template] | None = None) -> FrameDetection:
+                 library_channel: str | None = None, templates: list[Template] | None = None,
+                 defect_sizes_nm: list[float] | None = None) -> FrameDetection:
     """Choose the channel, flatten it, and detect the objects of ``scan``.
 
     Parameters
@@ -92,6 +96,9 @@ def detect_frame(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float]
         The channel the references were recorded on; ``channel: auto`` then uses it.
     templates : list[agent.templates.Template] | None
         The references as crops (template detector on dense frames, :func:`agent.detect.detect_objects`).
+    defect_sizes_nm : list[float] | None
+        Sizes (nm) of the library's lattice-defect references: the lattice route's scale, and what
+        lets ``segment.method: auto`` take it (:func:`find_objects`).
 
     Raises
     ------
@@ -101,11 +108,53 @@ def detect_frame(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float]
         The channel is absent (message lists what the scan has).
     """
     channel, cinfo, image = flattened_channel(scan, cfg, library_channel)
-    regions, report = detect_objects(image, scan.pixel_size_nm, cfg.segment, reference_extents_nm,
-                                     pixel_size_known=scan.units.get(channel) != "a.u.", templates=templates)
+    regions, report, residual = find_objects(image, scan.pixel_size_nm, cfg, reference_extents_nm,
+                                             scan.units.get(channel) != "a.u.", templates, defect_sizes_nm)
     if cinfo.get("warning") and report.note:
         report.note = f"{report.note}; {cinfo['warning']}"
-    return FrameDetection(image, regions, channel, cinfo, report)
+    return FrameDetection(image, regions, channel, cinfo, report, residual)
+
+
+def find_objects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: AgentConfig,
+                 reference_extents_nm: list[float] | None = None, pixel_size_known: bool = True,
+                 templates: list[Template] | None = None, defect_sizes_nm: list[float] | None = None,
+                 ) -> tuple[list[Region], DetectionReport, np.ndarray | None]:
+    """Detect the objects of a flattened frame: the molecule detectors (:func:`agent.detect.detect_objects`)
+    or the lattice route (:func:`agent.lattice.detect_defects`).
+
+    The lattice route is taken with ``segment.method: lattice``, or with ``auto`` when the library's
+    references are all lattice defects (``defect_sizes_nm``: their sizes) and the frame is a
+    resolved periodic lattice (:func:`agent.lattice.lattice_evidence`: sharp Bragg reflections
+    carry a large share of its power along two directions). A resolved lattice alone is not enough:
+    a molecular monolayer is one too, and there the molecules, not the deviations from the
+    lattice, are the objects; the references say which is counted.
+
+    Returns
+    -------
+    (regions, report, residual) : residual = the lattice-free frame on the lattice route, else None.
+    """
+    from stm_agent.agent.lattice import detect_defects, lattice_evidence
+
+    method = cfg.segment.method
+    if method == "lattice":
+        return detect_defects(image, pixel_size_nm, cfg.segment, method, "configured", defect_sizes_nm,
+                              pixel_size_known)
+    if method == "auto" and defect_sizes_nm:
+        ev = lattice_evidence(image)
+        if ev.resolved:
+            why = (f"resolved lattice ({ev.power_share:.0%} of the power in Bragg reflections, "
+                   f"{ev.n_directions} directions) and lattice-defect references: lattice removal + defects")
+            return detect_defects(image, pixel_size_nm, cfg.segment, method, why, defect_sizes_nm,
+                                  pixel_size_known, ev)
+        regions, report = detect_objects(image, pixel_size_nm, cfg.segment, reference_extents_nm,
+                                         pixel_size_known=pixel_size_known, templates=templates)
+        report.extra["lattice"] = ev.to_json()
+        report.reason = f"{report.reason}; no resolved lattice ({ev.power_share:.0%} of the power in Bragg " \
+                        f"reflections, {ev.n_directions} directions)"
+        return regions, report, None
+    regions, report = detect_objects(image, pixel_size_nm, cfg.segment, reference_extents_nm,
+                                     pixel_size_known=pixel_size_known, templates=templates)
+    return regions, report, None
 
 
 def detect(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float] | None = None,
@@ -126,7 +175,8 @@ def detect(scan: Scan, cfg: AgentConfig, reference_extents_nm: list[float] | Non
 
 
 def reference_crop_at(
-    scan: Scan, x: float, y: float, cfg: AgentConfig, units: Literal["nm", "px"] = "nm"
+    scan: Scan, x: float, y: float, cfg: AgentConfig, units: Literal["nm", "px"] = "nm",
+    defect_sizes_nm: list[float] | None = None,
 ) -> tuple[np.ndarray, tuple[float, float], dict[str, Any]]:
     """Cut a reference crop of the segmented object at (or nearest to) a picked position.
 
@@ -147,13 +197,18 @@ def reference_crop_at(
         area_nm2, extent_nm, pixel_size_nm, grey_range = the frame's 1..99 % value range used by
         ``contrast="frame"``, descriptors = the object's physical descriptors measured on the
         flattened frame as the queries are, :func:`agent.descriptors.descriptor_record`).
+        On the lattice route (:func:`find_objects`; ``defect_sizes_nm`` = the library's lattice-defect
+        references) the crop is cut from the lattice-free frame, :data:`agent.fewshot.REFERENCE_CROP_FACTOR`
+        x the defect's box wide, and the provenance adds ``detector: "lattice"``, ``stats``
+        (robust median and sigma of the lattice-free frame), ``contrast`` (+1 protrusion, -1
+        depression) and ``lattice`` (the lattice evidence).
 
     Raises
     ------
     NoObjectError
         No object contains the point and none has its centroid within its own extent (nm) of it.
     """
-    d = detect_frame(scan, cfg)
+    d = detect_frame(scan, cfg, defect_sizes_nm=defect_sizes_nm)
     image, regions, channel = d.image, d.regions, d.channel
     if units == "nm":
         px, py = (float(v) for v in scan.nm_to_px(x, y))
@@ -177,7 +232,13 @@ def reference_crop_at(
                 f"(object size {reg.extent_nm:.2f} nm)"
             )
     side_nm = 2.0 * reg.extent_nm
-    filled, _ = fill_nan(np.asarray(image, dtype=np.float32))
+    source = image
+    if d.residual is not None:  # a lattice defect: cut from the lattice-free frame, with its surround
+        from stm_agent.agent.fewshot import REFERENCE_CROP_FACTOR
+
+        side_nm = REFERENCE_CROP_FACTOR * max(reg.bbox_px[2] * dx, reg.bbox_px[3] * dy)
+        source = d.residual
+    filled, _ = fill_nan(np.asarray(source, dtype=np.float32))
     w, h = max(4, int(round(side_nm / dx))), max(4, int(round(side_nm / dy)))
     crop = cv2.getRectSubPix(filled, (w, h), reg.centroid_px)
     cx_nm, cy_nm = scan.px_to_nm(*reg.centroid_px)
@@ -197,7 +258,44 @@ def reference_crop_at(
         "descriptors": descriptor_record(
             describe_regions(image, [reg], (dx, dy), z_unit_of(scan.units.get(channel)))),
     }
+    if d.residual is not None:
+        from stm_agent.agent.fewshot import robust_stats
+
+        prov.update({"detector": "lattice", "stats": list(robust_stats(d.residual)), "contrast": int(reg.contrast),
+                     "lattice": d.report.extra.get("lattice")})
     return crop.astype(np.float32), (dx, dy), prov
+
+
+def defect_reference(species: str, crop: np.ndarray, pixel_size_nm: tuple[float, float], provenance: dict[str, Any],
+                     extent_nm: float):
+    """A library reference as a lattice-defect example (:class:`agent.fewshot.DefectReference`).
+
+    The defect's box is the provenance ``bbox_px`` (else a square of ``extent_nm``); the robust
+    statistics are the frame's (provenance ``stats``, recorded on the lattice route) or, for a
+    reference recorded otherwise, the crop's own; the contrast is the provenance ``contrast`` (0 =
+    unknown: no polarity rule).
+    """
+    from stm_agent.agent.fewshot import DefectReference, robust_stats
+
+    bb = provenance.get("bbox_px")
+    box = (float(bb[2]), float(bb[3])) if bb else (extent_nm / pixel_size_nm[0], extent_nm / pixel_size_nm[1])
+    st = provenance.get("stats")
+    stats = (float(st[0]), float(st[1])) if st else robust_stats(crop)
+    return DefectReference(species, crop, (float(pixel_size_nm[0]), float(pixel_size_nm[1])), box, stats,
+                           int(provenance.get("contrast", 0) or 0))
+
+
+def library_defect_sizes(entries: list[tuple[tuple[float, float], dict[str, Any], float]]) -> list[float] | None:
+    """Sizes (nm, mean box side) of a library's references when every one was recorded on the
+    lattice route (provenance ``detector: "lattice"``), else None. ``entries``: ``(pixel_size_nm,
+    provenance, extent_nm)`` per reference."""
+    if not entries or any(p.get("detector") != "lattice" for _, p, _ in entries):
+        return None
+    out = []
+    for ps, p, ext in entries:
+        bb = p.get("bbox_px")
+        out.append(0.5 * (bb[2] * ps[0] + bb[3] * ps[1]) if bb else float(ext))
+    return out
 
 
 class Recognizer:
@@ -235,6 +333,11 @@ class Recognizer:
         self.templates: list[Template] | None = None
         #: ``encoder: auto``: how well each candidate separates the library's species
         self.separation: dict[str, dict[str, Any]] = {}
+        #: the references as lattice-defect examples (few-shot prototypes on the lattice route)
+        self.defect_refs: list = []
+        #: sizes (nm) of the references when every one is a lattice defect (``auto`` may then take
+        #: the lattice route), else None
+        self.defect_sizes_nm: list[float] | None = None
 
     def descriptor_weight(self, refs: RefEmbeddings, height_unit: str, physical: bool = True) -> float:
         """The descriptor weight w in effect for ``refs`` (``cfg.match.descriptor_weight`` or 0).
@@ -313,7 +416,11 @@ class Recognizer:
         entries = lib.entries(require=False) if ref_sets[first].species else []
         if entries:
             rec.reference_extents_nm = [float(e.extent_nm) for e in entries]
-            rec.templates = [Template(e.species, e.load(), e.pixel_size_nm, float(e.extent_nm)) for e in entries]
+            crops = [e.load() for e in entries]
+            rec.templates = [Template(e.species, c, e.pixel_size_nm, float(e.extent_nm)) for e, c in zip(entries, crops)]
+            rec.defect_refs = [defect_reference(e.species, c, e.pixel_size_nm, e.provenance, e.extent_nm)
+                               for e, c in zip(entries, crops)]
+            rec.defect_sizes_nm = library_defect_sizes([(e.pixel_size_nm, e.provenance, e.extent_nm) for e in entries])
             chans = {e.provenance.get("channel") for e in entries}
             if len(chans) == 1 and None not in chans:
                 rec.library_channel = str(chans.pop())
@@ -344,7 +451,7 @@ class Recognizer:
 
     def reference_crop_at(self, scan: Scan, x: float, y: float, units: Literal["nm", "px"] = "nm"):
         """See :func:`reference_crop_at`."""
-        return reference_crop_at(scan, x, y, self.cfg, units)
+        return reference_crop_at(scan, x, y, self.cfg, units, self.defect_sizes_nm)
 
     def _encode(self, grey: np.ndarray, frame_id: str) -> tuple[np.ndarray, RefEmbeddings, dict[str, Any]]:
         """Embed the query crops and pick the encoder (adaptive selection for ``auto``).
@@ -479,12 +586,19 @@ class Recognizer:
         t0 = time.perf_counter()
         channel, cinfo, image = flattened_channel(scan, cfg, self.library_channel)
         t1 = time.perf_counter()
-        regions, report = detect_objects(image, scan.pixel_size_nm, cfg.segment, self.reference_extents_nm,
-                                         pixel_size_known=scan.units.get(channel) != "a.u.",
-                                         templates=self.templates)
+        regions, report, residual = find_objects(image, scan.pixel_size_nm, cfg, self.reference_extents_nm,
+                                                 scan.units.get(channel) != "a.u.", self.templates,
+                                                 self.defect_sizes_nm if cfg.segment.method != "lattice"
+                                                 else [r.size_nm for r in self.defect_refs] or None)
         if cinfo.get("warning"):
             report.note = f"{report.note}; {cinfo['warning']}" if report.note else cinfo["warning"]
         t2 = time.perf_counter()
+        if residual is not None:
+            names, sim, pose, scores, species, encoder_info = self._classify_defects(residual, regions, scan)
+            t5 = time.perf_counter()
+            return self._result(scan, channel, cinfo, image, report, regions, names, sim, pose, scores, species,
+                                encoder_info, {"flatten": (t1 - t0) * 1e3, "segment": (t2 - t1) * 1e3,
+                                               "match": (t5 - t2) * 1e3, "total": (t5 - t0) * 1e3})
         if self.refs.species:  # the references' windows (background null) must fit this frame's pixels
             check_window_px(float(self.refs.window_nm), scan.pixel_size_nm, "reference window")
         centres = np.array([r.centroid_px for r in regions], dtype=np.float64).reshape(-1, 2)
@@ -516,8 +630,18 @@ class Recognizer:
         encoder_info = {**encoder_info, "threshold": thr.to_json(), "descriptor_weight": w,
                         "mirror": {"used": refs.mirror, "reason": refs.mirror_reason}}
         t5 = time.perf_counter()
+        ms = lambda a, b: (b - a) * 1000.0  # noqa: E731
+        return self._result(scan, channel, cinfo, image, report, regions, names, sim, pose, scores, refs.species,
+                            encoder_info, {"flatten": ms(t0, t1), "segment": ms(t1, t2), "normalise": ms(t2, t3),
+                                           "encode": ms(t3, t4), "match": ms(t4, t5), "total": ms(t0, t5), **extra_ms})
+
+    def _result(self, scan: Scan, channel: str, cinfo: dict, image: np.ndarray, report: DetectionReport,
+                regions: list[Region], names: list[str], sim, pose, scores: np.ndarray, species: list[str],
+                encoder_info: dict[str, Any], timings_ms: dict[str, float]) -> FrameResult:
+        """The :class:`FrameResult` of one frame: one :class:`Detection` per region, the counts."""
+        centres = np.array([r.centroid_px for r in regions], dtype=np.float64).reshape(-1, 2)
         xs, ys = scan.px_to_nm(centres[:, 0], centres[:, 1])
-        counts = {s: 0 for s in refs.species}
+        counts = {s: 0 for s in species}
         counts[OTHER] = 0
         dets = []
         for i, r in enumerate(regions):
@@ -531,12 +655,11 @@ class Recognizer:
                     species=names[i],
                     similarity=float(sim[i]),
                     pose=pose[i],
-                    scores={s: float(scores[i, k]) for k, s in enumerate(refs.species)},
+                    scores={s: float(scores[i, k]) for k, s in enumerate(species)},
                 )
             )
-            if not (r.touches_edge and cfg.segment.exclude_edge):
+            if not (r.touches_edge and self.cfg.segment.exclude_edge):
                 counts[names[i]] += 1
-        ms = lambda a, b: (b - a) * 1000.0  # noqa: E731
         return FrameResult(
             frame_id=scan.frame_id,
             source=scan.source,
@@ -544,11 +667,31 @@ class Recognizer:
             counts=counts,
             detections=dets,
             encoder=encoder_info,
-            timings_ms={
-                "flatten": ms(t0, t1), "segment": ms(t1, t2), "normalise": ms(t2, t3),
-                "encode": ms(t3, t4), "match": ms(t4, t5), "total": ms(t0, t5), **extra_ms,
-            },
+            timings_ms=timings_ms,
             processed_at=datetime.now(timezone.utc),
             image=image,
             detection={**report.to_json(), "channel": cinfo},
         )
+
+    def _classify_defects(self, residual: np.ndarray, regions: list[Region], scan: Scan):
+        """Lattice route: SimpleShot prototypes of the library's references (K per species,
+        :func:`agent.fewshot.classify_defects`). Without references every defect is ``other``.
+
+        Returns ``(names, similarity, poses, scores (N, S), species, encoder_info)``.
+        """
+        from stm_agent.agent.fewshot import classify_defects
+        from stm_agent.agent.threshold import ThresholdChoice
+
+        n = len(regions)
+        info: dict[str, Any] = {"name": "simpleshot", "id": "simpleshot-cl2n/v1"}
+        if not self.defect_refs or not n:
+            thr = ThresholdChoice(-1.0, mode="auto", method="no references" if not self.defect_refs else "no defect")
+            species = sorted({r.species for r in self.defect_refs})
+            return ([OTHER] * n, np.zeros(n), [(0.0, False)] * n, np.zeros((n, len(species))), species,
+                    {**info, "threshold": thr.to_json()})
+        m = self.cfg.match
+        boxes = np.array([r.bbox_px for r in regions], np.float64).reshape(-1, 4)
+        out = classify_defects(residual, boxes, np.array([r.contrast for r in regions]), scan.pixel_size_nm,
+                               self.defect_refs, m.threshold, m.alpha, m.size_tolerance)
+        info.update({"k": out["k"], "window_nm": round(out["window_nm"], 5), "threshold": out["threshold"].to_json()})
+        return (out["names"], out["similarity"], [(0.0, False)] * n, out["scores"], out["species"], info)

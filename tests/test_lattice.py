@@ -108,3 +108,91 @@ def test_simpleshot_k5_on_wse2_beats_chance(labelled_dir):
     t = clf.rejection_threshold(allf.take(sup), list(lab[sup]))
     assert t is not None and -1.0 <= t < 1.0
     assert (clf.scores(allf.take(sup)).max(axis=1) >= t).all()
+
+
+# ----------------------------------------------------------------------------- the lattice route in the agent
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from stm_agent.agent.cli import app
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200", "NO_COLOR": "1"})
+
+
+@pytest.fixture(scope="module")
+def si_library(tmp_path_factory):
+    """A library of 2 lattice-defect references (protrusion) picked on the Si(111)-7x7 scan at two
+    hand-labelled defects with ``segment.method: lattice``, as a user starts a lattice session."""
+    scan, image, gt = _labelled(1)
+    tmp = tmp_path_factory.mktemp("si_lib")
+    (tmp / "lattice.yaml").write_text("segment:\n  method: lattice\n")
+    lib = tmp / "lib"
+    for j, cfg in ((0, ["--config", str(tmp / "lattice.yaml")]), (2, [])):  # the 2nd with auto: the library says lattice
+        x, y, w, h = gt[j]
+        res = _cli("refs", "add", "protrusion", "--scan", scan.source, "--at", f"{x + w / 2},{y + h / 2}", "--px",
+                   "--refs", str(lib), *cfg)
+        assert res.exit_code == 0, res.output
+        assert "lattice defect (protrusion)" in res.output, res.output
+    return scan, gt, lib, tmp
+
+
+def test_recognize_finds_the_labelled_si_defects_with_a_defect_library(si_library):
+    """`stm-agent recognize` on the Si(111)-7x7 scan with the 2-reference library: auto takes the
+    lattice route (reported), every labelled defect is detected, the labelled ones inside the frame
+    are counted as protrusion, and no depression (7x7 corner holes) is."""
+    scan, gt, lib, tmp = si_library
+    res = _cli("recognize", scan.source, "--refs", str(lib), "--out", str(tmp / "out"))
+    assert res.exit_code == 0, res.output
+    assert "detector lattice" in res.output and "simpleshot" in res.output, res.output
+    out = json.loads(next((tmp / "out").glob("*.stm-agent.json")).read_text())
+    det = out["detection"]
+    assert det["method"] == "lattice" and det["requested"] == "auto" and det["lattice"]["resolved"], det
+    assert "resolved lattice" in det["reason"] and det["size_source"].startswith("references")
+    assert out["encoder"]["k"] == {"protrusion": 2} and out["encoder"]["threshold"]["method"] == "conformal background"
+    boxes = np.array([d["bbox_px"] for d in out["detections"]], np.float64)
+    cents = np.array([d["centroid_px"] for d in out["detections"]], np.float64)
+    m = match_boxes(boxes, cents, gt)
+    assert set(m[m >= 0].tolist()) == set(range(len(gt)))  # every labelled defect detected
+    species = {int(j): d["species"] for d, j in zip(out["detections"], m) if j >= 0 and not d["touches_edge"]}
+    assert species and all(s == "protrusion" for s in species.values()), species
+    # unlabelled detections called protrusion: at most the 2 bright adatoms we left unlabelled
+    assert sum(d["species"] == "protrusion" for d, j in zip(out["detections"], m) if j < 0) <= 2
+    assert 2 <= out["counts"]["protrusion"] <= 4, out["counts"]
+
+
+@pytest.mark.parametrize("name", ["au111_adsorbates_10nm_256_up.sxm", "cu111_tcne_molecules_6nm_256_up.sxm",
+                                  "cu111_tcne_molecules_4nm_256_up.sxm", "porphyrin_dimer_96_up_7ch.sxm"])
+def test_auto_keeps_molecule_detectors_on_molecule_scans(si_library, sxm_dir, name):
+    """Even with a lattice-defect library, frames that are no resolved lattice keep the molecule
+    detectors, and the detection report says why (the lattice evidence)."""
+    from stm_agent.agent.config import load_config
+    from stm_agent.agent.pipeline import Recognizer
+
+    _, _, lib, _ = si_library
+    rec = Recognizer.from_config(load_config(overrides={"references": {"folder": str(lib)}}))
+    assert rec.defect_sizes_nm and len(rec.defect_sizes_nm) == 2
+    res = rec.recognise(read_sxm(sxm_dir / name))
+    assert res.detection["method"] in ("scale", "template"), res.detection
+    assert res.detection["lattice"]["resolved"] is False and "no resolved lattice" in res.detection["reason"]
+
+
+def test_lattice_evidence_on_the_shared_scans(sxm_dir):
+    """Si(111)-7x7 atoms (and generic45's lattice) are resolved lattices; isolated molecules and
+    adsorbates, step edges and the 200 nm Si overview are not."""
+    from stm_agent.agent.config import AgentConfig
+    from stm_agent.agent.lattice import lattice_evidence
+    from stm_agent.agent.pipeline import flattened_channel
+
+    cfg = AgentConfig()
+
+    def ev(name):
+        return lattice_evidence(flattened_channel(read_sxm(sxm_dir / name), cfg)[2])
+
+    for name in ("si111_7x7_atoms_defects_20nm_256_down.sxm", "generic45_lattice_defects_256_down.sxm"):
+        e = ev(name)
+        assert e.resolved and e.n_directions >= 2 and e.power_share > 0.5, (name, e)
+    for name in ("au111_adsorbates_10nm_256_up.sxm", "cu111_tcne_molecules_4nm_256_up.sxm",
+                 "cu111_tcne_molecules_6nm_256_up.sxm", "cu111_tcne_steps_clusters_50nm_256_down.sxm",
+                 "si111_7x7_steps_200nm_256_down.sxm", "porphyrin_dimer_96_up_7ch.sxm"):
+        e = ev(name)
+        assert not e.resolved and e.power_share < 0.2, (name, e)

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: Pure computation on arrays (README "Layout", layer 2).
 PIPELINE_STEPS = ["flatten", "segment", "detect", "channel", "normalise", "descriptors", "match", "selection",
-                  "templates"]
+                  "templates", "lattice", "fewshot"]
 #: Layer 1: data types, errors, configuration.
 CORE = ["domain", "errors", "config", "jsonsafe"]
 

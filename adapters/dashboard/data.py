@@ -234,7 +234,7 @@ class DashboardData:
         """
         from stm_agent.adapters.references import ReferenceLibrary
         from stm_agent.adapters.scanfile import read_scan
-        from stm_agent.agent.pipeline import reference_crop_at
+        from stm_agent.agent.pipeline import library_defect_sizes, reference_crop_at
 
         rows = self._query("SELECT path, status FROM frames WHERE frame_id = ?", (frame_id,))
         if not rows:
@@ -244,8 +244,10 @@ class DashboardData:
             raise DataError(f"the scan of frame {frame_id[:12]} cannot be read again ({path or 'no file'})", 409)
         try:
             scan = read_scan(path)
-            crop, px, prov = reference_crop_at(scan, float(x_px), float(y_px), self.cfg, units="px")
-            npy = ReferenceLibrary(self.refs).add(species, crop, px, prov)
+            lib = ReferenceLibrary(self.refs)
+            sizes = library_defect_sizes([(e.pixel_size_nm, e.provenance, e.extent_nm) for e in lib.entries(require=False)])
+            crop, px, prov = reference_crop_at(scan, float(x_px), float(y_px), self.cfg, units="px", defect_sizes_nm=sizes)
+            npy = lib.add(species, crop, px, prov)
         except StmAgentError as exc:
             raise DataError(str(exc), 422) from exc
         return {"species": species, "id": npy.stem, "scan": Path(path).name, "position_nm": prov["position_nm"],
