@@ -780,8 +780,10 @@ class Evaluator:
                 t_here = float(self.s.threshold)
             elif ref_emb and image is not None:
                 ps = self.pixel_size(i)
-                z = null_scores(image, (ps, ps), boxes, self.encoder(pick), ref_emb[pick], self.cfg.normalise)
-                tc = auto_threshold(z, self.s.alpha, self.s.ratio)
+                sample: dict = {}
+                z = null_scores(image, (ps, ps), boxes, self.encoder(pick), ref_emb[pick], self.cfg.normalise,
+                                sample=sample)
+                tc = auto_threshold(z, self.s.alpha, self.s.ratio, sample)
                 t_here = tc.value
                 thr_recs.append({"group": -1 if i is None else int(i), **tc.to_json()})
             else:

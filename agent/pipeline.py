@@ -541,8 +541,9 @@ class Recognizer:
             return ThresholdChoice(float(m.threshold), ratio=m.ratio)
         if not refs.species:
             return ThresholdChoice(-1.0, mode="auto", method="no references", ratio=m.ratio, alpha=m.alpha)
-        z = null_scores(image, pixel_size_nm, boxes_px, encoder, refs, self.cfg.normalise)
-        return auto_threshold(z, m.alpha, m.ratio)
+        sample: dict = {}
+        z = null_scores(image, pixel_size_nm, boxes_px, encoder, refs, self.cfg.normalise, sample=sample)
+        return auto_threshold(z, m.alpha, m.ratio, sample)
 
     def _encoder_of(self, refs: RefEmbeddings):
         """The encoder that made ``refs`` (the chosen candidate for ``auto``)."""

@@ -21,8 +21,15 @@ Mendes Junior et al., Machine Learning 106 (2017) 359) rejects ambiguous objects
 is kept only when ``(1 - s_best) <= ratio * (1 - s_second)`` (cosine distances); ``ratio`` 1 turns it
 off. Both are reported in every frame result (:meth:`ThresholdChoice.to_json`).
 
-Without a background sample (no frame, or a frame covered by objects) the threshold is -1 (argmax
-with the ratio test only) and the result says so.
+A dense layer has no background. There the sample is filled with windows centred BETWEEN the
+objects (the Voronoi vertices of their centres, :func:`interstitial_centres`): what a detector seed
+between molecules would show, fragments of three or more neighbours. Measured on the F-HPB monolayer
+(K = 1, 5 draws): end-to-end macro F1 0.958 -> 0.990 (junk detections between molecules rejected),
+recognition-only unchanged (0.971 -> 0.972). Such a null does not reject a different molecule:
+with the L references left out, 4 % of the L objects come out ``other``.
+
+Without any null sample (no frame, e.g. crops) the threshold is -1 (argmax with the ratio test
+only) and the result says so.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ ALPHA = 0.05
 RATIO = 0.98
 #: at most this many background windows per frame
 N_NULL = 48
+#: below this many background windows (the smallest sample with which a conformal p-value can
+#: reach alpha = 0.05) the null sample is filled with interstitial windows
+N_MIN = 19
 
 
 @dataclass
@@ -53,7 +63,7 @@ class ThresholdChoice:
     mode : str
         ``"fixed"`` (``match.threshold`` a number) or ``"auto"``.
     method : str
-        How ``value`` was set (``"fixed"``, ``"conformal background"``, ``"no null sample"``).
+        How ``value`` was set (``"fixed"``, ``"conformal background"``, ``"conformal background + between objects"``, ``"conformal between objects"``, ``"no null sample"``).
     ratio : float
         Distance ratio of the ratio test (1 = off).
     alpha : float | None
@@ -156,9 +166,59 @@ def background_centres(shape: tuple[int, int], boxes_px: np.ndarray, window_px: 
     return c
 
 
+def interstitial_centres(shape: tuple[int, int], boxes_px: np.ndarray, window_px: float,
+                         valid: np.ndarray | None = None, n_max: int = N_NULL) -> np.ndarray:
+    """Centres of windows that sit BETWEEN objects: the Voronoi vertices of the object centres.
+
+    In a dense layer there is no background; the windows a detector could wrongly take for an
+    object there are those centred between molecules, showing fragments of three or more of them.
+    They are the local maxima of the distance to the nearest object centre (a distance transform,
+    Borgefors 1986), kept where that distance is at least a quarter of the window (a window
+    centred on an object is never one of them).
+
+    Parameters
+    ----------
+    shape : (ny, nx); boxes_px : float ``(N, 4)`` object boxes ``(x, y, w, h)``; window_px : float;
+    valid : bool ``(ny, nx)`` acquired pixels (None: all); n_max : int
+
+    Returns
+    -------
+    np.ndarray
+        float64 ``(M, 2)`` ``(x, y)`` pixels, farthest-from-objects first (M may be 0).
+    """
+    import cv2
+
+    ny, nx = shape
+    b = np.asarray(boxes_px, np.float64).reshape(-1, 4)
+    half = max(1.0, window_px / 2.0)
+    if len(b) < 3 or nx < 2 * half or ny < 2 * half:
+        return np.zeros((0, 2))
+    seeds = np.full((ny, nx), 255, np.uint8)
+    cx = np.clip(np.rint(b[:, 0] + b[:, 2] / 2).astype(int), 0, nx - 1)
+    cy = np.clip(np.rint(b[:, 1] + b[:, 3] / 2).astype(int), 0, ny - 1)
+    seeds[cy, cx] = 0
+    dist = cv2.distanceTransform(seeds, cv2.DIST_L2, 5)
+    k = max(3, int(half) | 1)
+    peak = (dist >= cv2.dilate(dist, np.ones((k, k), np.uint8))) & (dist >= half / 2.0)
+    # the whole window on the frame (and on acquired pixels)
+    peak[: int(np.ceil(half)), :] = peak[ny - int(np.ceil(half)):, :] = False
+    peak[:, : int(np.ceil(half))] = peak[:, nx - int(np.ceil(half)):] = False
+    if valid is not None:
+        kk = int(2 * half) | 1
+        peak &= ~cv2.dilate((~valid).astype(np.uint8), np.ones((kk, kk), np.uint8)).astype(bool)
+    ys, xs = np.nonzero(peak)
+    order = np.argsort(-dist[ys, xs], kind="stable")[:n_max]
+    return np.stack([xs[order], ys[order]], axis=1).astype(np.float64)
+
+
 def null_scores(image: np.ndarray, pixel_size_nm: tuple[float, float], boxes_px: np.ndarray,
-                encoder, refs: RefEmbeddings, cfg, n_max: int = N_NULL) -> np.ndarray:
+                encoder, refs: RefEmbeddings, cfg, n_max: int = N_NULL, sample: dict | None = None) -> np.ndarray:
     """Best similarity of each background window of the frame to the species (the null sample).
+
+    Positions: background windows (:func:`background_centres`); when there are fewer than
+    :data:`N_MIN` (a dense layer), the sample is filled with windows between the objects
+    (:func:`interstitial_centres`). ``sample``, when given, receives ``n_background`` and
+    ``n_interstitial``.
 
     Each species k is scored on windows of the side of its own references (median of
     ``refs.ref_window_nm``), normalised as the objects are (:func:`agent.normalise.normalise_crops`);
@@ -190,7 +250,14 @@ def null_scores(image: np.ndarray, pixel_size_nm: tuple[float, float], boxes_px:
     per = [float(np.median(wins[ref_sp == s])) if wins.size == len(ref_sp) and (ref_sp == s).any()
            else float(refs.window_nm) for s in range(k)]
     # the same positions for every species: windows of the largest species window avoid every object
-    cen = background_centres(image.shape, boxes_px, max(per) / dx, None if valid.all() else valid, n_max)
+    win_px = max(per) / dx
+    cen = background_centres(image.shape, boxes_px, win_px, None if valid.all() else valid, n_max)
+    n_bg = len(cen)
+    if n_bg < N_MIN:  # a dense layer: windows between its objects
+        more = interstitial_centres(image.shape, boxes_px, win_px, None if valid.all() else valid, n_max - n_bg)
+        cen = np.concatenate([cen.reshape(-1, 2), more]) if len(more) else cen
+    if sample is not None:
+        sample.update(n_background=int(n_bg), n_interstitial=int(len(cen) - n_bg))
     if len(cen) == 0:
         return np.zeros(0)
     best = np.full(len(cen), -1.0)
@@ -201,12 +268,20 @@ def null_scores(image: np.ndarray, pixel_size_nm: tuple[float, float], boxes_px:
     return best
 
 
-def auto_threshold(null: np.ndarray, alpha: float = ALPHA, ratio: float = RATIO) -> ThresholdChoice:
-    """:class:`ThresholdChoice` of ``match.threshold: auto`` from a frame's null scores."""
+def auto_threshold(null: np.ndarray, alpha: float = ALPHA, ratio: float = RATIO,
+                   sample: dict | None = None) -> ThresholdChoice:
+    """:class:`ThresholdChoice` of ``match.threshold: auto`` from a frame's null scores (``sample``:
+    what :func:`null_scores` reported about its windows)."""
     z = np.asarray(null, np.float64)
     z = z[np.isfinite(z)]
     if z.size == 0:
         return ThresholdChoice(-1.0, mode="auto", method="no null sample", ratio=ratio, alpha=alpha,
-                               reason="no background window free of objects: ratio test only")
-    return ThresholdChoice(conformal_threshold(z, alpha), mode="auto", method="conformal background", ratio=ratio,
-                           alpha=alpha, n_null=int(z.size), null_max=float(z.max()), null_median=float(np.median(z)))
+                               reason="no window free of objects, none between them: ratio test only")
+    n_int = int((sample or {}).get("n_interstitial", 0))
+    method, extra = "conformal background", {}
+    if n_int:
+        method = "conformal background + between objects" if n_int < z.size else "conformal between objects"
+        extra = {"n_background": int(z.size) - n_int, "n_interstitial": n_int}
+    return ThresholdChoice(conformal_threshold(z, alpha), mode="auto", method=method, ratio=ratio,
+                           alpha=alpha, n_null=int(z.size), null_max=float(z.max()), null_median=float(np.median(z)),
+                           extra=extra)

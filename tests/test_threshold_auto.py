@@ -12,7 +12,7 @@ from stm_agent.agent.config import AgentConfig, load_config
 from stm_agent.agent.domain import OTHER
 from stm_agent.agent.errors import ConfigError
 from stm_agent.agent.pipeline import Recognizer, detect, reference_crop_at
-from stm_agent.agent.threshold import background_centres, conformal_threshold, decide
+from stm_agent.agent.threshold import background_centres, conformal_threshold, decide, interstitial_centres
 
 
 def test_conformal_threshold_is_the_p_value_rule():
@@ -49,6 +49,25 @@ def test_background_windows_avoid_objects():
     assert len(background_centres((50, 50), np.array([[0, 0, 50, 50]], float), 16)) == 0
 
 
+def test_windows_between_objects_of_a_real_monolayer(labelled_dir):
+    """F-HPB monolayer (real image, labelled boxes): no background window, but windows centred
+    between the molecules, each farther from every molecule centre than a quarter window."""
+    from stm_agent.adapters.labelled import load_labelled
+
+    im = load_labelled(labelled_dir / "fhpb").images[0]
+    win = 1.3 * float(np.median(im.boxes[:, 2:].max(axis=1)))
+    shape = (im.height, im.width)
+    assert len(background_centres(shape, im.boxes, win)) < 19
+    c = interstitial_centres(shape, im.boxes, win)
+    assert len(c) >= 19
+    centres = im.boxes[:, :2] + im.boxes[:, 2:] / 2
+    d = np.linalg.norm(c[:, None, :] - centres[None, :, :], axis=2).min(axis=1)
+    assert d.min() >= win / 4 - 1
+    assert (c >= win / 2 - 1).all() and (c[:, 0] <= im.width - win / 2 + 1).all() and (c[:, 1] <= im.height - win / 2 + 1).all()
+    # sparse objects: no vertex in a frame with fewer than three objects
+    assert len(interstitial_centres(shape, im.boxes[:2], win)) == 0
+
+
 @pytest.fixture(scope="module")
 def au_library(tmp_path_factory, sxm_dir):
     """One reference: the largest whole adsorbate of the Au(111) scan."""
@@ -74,7 +93,7 @@ def test_auto_threshold_accepts_its_species_and_rejects_another(au_library, sxm_
     rec = Recognizer.from_config(cfg)
     res = rec.recognise(scan)
     thr = res.encoder["threshold"]
-    assert thr["mode"] == "auto" and thr["method"] == "conformal background" and thr["n_null"] >= 5
+    assert thr["mode"] == "auto" and thr["method"].startswith("conformal") and thr["n_null"] >= 5
     others = [d for d in res.detections if not d.touches_edge
               and np.hypot(d.centroid_px[0] - ref.centroid_px[0], d.centroid_px[1] - ref.centroid_px[1]) > 5]
     assert len(others) >= 1
