@@ -15,7 +15,11 @@ Three detectors share one output, a list of :class:`agent.segment.Region` plus a
        the top-hat; a plane is kept exactly;
     2. smooths at the molecule's scale (Gaussian, sigma ``s / 4``) and takes the local maxima at
        least ``0.4 s`` apart that stand out of the frame's noise as seeds, one per molecule (the
-       lobes of one molecule merge at this scale, touching molecules do not);
+       lobes of one molecule merge at this scale, touching molecules do not). When the size is the
+       scale-space blob size itself (objects are single blobs, not made of parts), the seeds are
+       the maxima of the blob detector at that scale (``-s^2`` Laplacian at sigma ``s / 3.5``),
+       whose negative surround keeps touching blobs apart (clusters in a chain on a step edge, the
+       dim and bright molecules of a dense layer), their significance judged as above;
     3. grows each seed by marker-controlled watershed (Beucher & Meyer, "The morphological approach
        to segmentation: the watershed transformation", 1993; ``skimage.segmentation.watershed``) on
        the lightly smoothed top-hat: touching molecules are split along the valley between them,
@@ -186,12 +190,17 @@ def estimate_object_size(image: np.ndarray, pixel_size_nm: tuple[float, float],
 
     The frame (bright objects up) is first freed of structures larger than a quarter of the frame
     (top-hat: steps and terraces), reduced to at most 256 px on its long side (area average), and
-    the scale-normalised Laplacian ``L(sigma) = -sigma^2 nabla^2 (G_sigma * f)`` is computed on a
-    geometric grid of sigma (4 per octave). Blobs are the local maxima of ``L`` over position and
-    scale (3 x 3 x 3 neighbourhood, inner scales only; Lindeberg's scale-space blob detector). The
-    object extent is the response-weighted median scale of the strong blobs (response >= 25 % of
-    the strongest), each blob counted once whatever its area, converted as extent = 3.5 sigma
-    (between a flat disc, 2 sqrt(2) sigma, and a Gaussian at 10 % of its height, 4.3 sigma).
+    the scale-normalised determinant of the Hessian ``D(sigma) = sigma^4 det H(G_sigma * f)`` is
+    computed on a geometric grid of sigma (4 per octave); the response is ``sqrt(D)`` where both
+    curvatures are negative (a bright blob), else 0. Blobs are the local maxima of the response over
+    position and scale (3 x 3 x 3 neighbourhood, inner scales only; Lindeberg's scale-space blob
+    detector, the DoH variant: it selects the scale of a blob like the Laplacian does, but answers
+    ~0 on ridges and step edges, where one curvature vanishes, so that clusters sitting on a
+    decorated step or touching in a chain do not pull the scale up). Blobs whose disc is cut by the
+    frame edge or by unacquired (NaN) rows are not counted (their size is not seen). The object
+    extent is the response-weighted median scale of the strong blobs (response >= 25 % of the
+    strongest), each blob counted once whatever its area, converted as extent = 3.5 sigma (between
+    a flat disc, 2 sqrt(2) sigma, and a Gaussian at 10 % of its height, 4.3 sigma).
 
     Parameters
     ----------
@@ -218,17 +227,37 @@ def estimate_object_size(image: np.ndarray, pixel_size_nm: tuple[float, float],
     if len(ext) < 3:
         return float(lo_px * dx)
     stack = []
+    kxx = np.array([[1.0, -2.0, 1.0]], np.float32)
+    kxy = np.array([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 1.0]], np.float32) / 4.0
     for e in ext:
         s = e / EXTENT_PER_SIGMA / k  # sigma in reduced pixels along x
         g = _gauss(f, s, s / ratio)
-        stack.append(-cv2.Laplacian(g, cv2.CV_32F) * np.float32(s * s))
+        # Hessian in units of x pixels (rows are `ratio` x pixels apart), scale-normalised by s^2
+        lxx = cv2.filter2D(g, -1, kxx, borderType=cv2.BORDER_REFLECT) * np.float32(s * s)
+        lyy = cv2.filter2D(g, -1, kxx.T, borderType=cv2.BORDER_REFLECT) * np.float32(s * s / ratio ** 2)
+        lxy = cv2.filter2D(g, -1, kxy, borderType=cv2.BORDER_REFLECT) * np.float32(s * s / ratio)
+        det = lxx * lyy - lxy * lxy
+        # sqrt(det H) of a bright blob (both curvatures negative): a height, like -s^2 Laplacian, but
+        # ~0 on a ridge or a step edge (one curvature ~0), so clusters lined up along a decorated step
+        # do not pull the scale up as one elongated blob
+        stack.append(np.where((lxx < 0) & (det > 0), np.sqrt(np.maximum(det, 0.0)), 0.0).astype(np.float32))
     r = np.stack(stack)
     k3 = np.ones((3, 3), np.uint8)
     d2 = np.stack([cv2.dilate(x, k3, borderType=cv2.BORDER_REPLICATE) for x in r])
     mx = np.maximum(d2, np.maximum(np.concatenate([d2[:1], d2[:-1]]), np.concatenate([d2[1:], d2[-1:]])))
     pk = (r >= mx) & (r > 0)
     pk[0] = pk[-1] = False
-    if valid is not None:
+    inside = np.ones(f.shape, np.uint8) if valid is None else valid.astype(np.uint8)
+    whole = np.zeros_like(pk)
+    for i, e in enumerate(ext):
+        # a blob whose disc (extent e) is cut by the frame edge or the NaN rows has no measurable size
+        rx = int(np.ceil(e / 2 / k))
+        ry = int(np.ceil(e / 2 / k / ratio))
+        whole[i] = cv2.erode(inside, np.ones((2 * ry + 1, 2 * rx + 1), np.uint8), borderType=cv2.BORDER_CONSTANT,
+                             borderValue=0) > 0
+    if (pk & whole).any():
+        pk &= whole
+    elif valid is not None:
         pk &= valid[None]
     si = np.nonzero(pk)[0]
     v = r[pk]
@@ -389,11 +418,12 @@ def regions_from_labels(labels: np.ndarray, valid: np.ndarray, pixel_size_nm: tu
 
 
 # --------------------------------------------------------------------------- scale detector
-def scale_labels(f: np.ndarray, valid: np.ndarray, size_px: tuple[float, float], noise: float) -> tuple[np.ndarray, dict]:
+def scale_labels(f: np.ndarray, valid: np.ndarray, size_px: tuple[float, float], noise: float,
+                 blob_seeds: bool = False) -> tuple[np.ndarray, dict]:
     """Label image of the bright objects of ``f`` at object extent ``size_px`` = ``(x, y)`` pixels.
 
     Steps 1-4 of the module docstring. ``f`` float32 finite ``(ny, nx)``; ``noise`` the pixel noise
-    (:func:`pixel_noise`). Returns int32 ``(ny, nx)`` labels (0 = background) and diagnostics
+    (:func:`pixel_noise`); ``blob_seeds``: seeds at the scale-space blob maxima (step 2). Returns int32 ``(ny, nx)`` labels (0 = background) and diagnostics
     (``threshold``: the seed significance level on the top-hat; ``cover``: foreground fraction).
     """
     sx, sy_px = size_px
@@ -405,8 +435,17 @@ def scale_labels(f: np.ndarray, valid: np.ndarray, size_px: tuple[float, float],
     ry, rx = max(1, int(round(SEED_DISTANCE * sy_px))), max(1, int(round(SEED_DISTANCE * sx)))
     yy, xx = np.ogrid[-ry:ry + 1, -rx:rx + 1]
     disk = (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0
-    mx = cv2.dilate(seed_img, disk.astype(np.uint8), borderType=cv2.BORDER_REPLICATE)
-    peaks = (seed_img >= mx) & (seed_img > t_noise) & valid
+    where = seed_img
+    if blob_seeds:
+        # the objects are scale-space blobs of this extent: seeds at the blob detector's maxima at the
+        # blob scale (-sigma^2 Laplacian), whose negative surround splits touching blobs that the
+        # smoothed image merges (clusters in a chain along a step); significance still on seed_img
+        sb = 1.0 / EXTENT_PER_SIGMA
+        g = _gauss(th, sb * sx, sb * sy_px)
+        where = -(cv2.Sobel(g, cv2.CV_32F, 2, 0, ksize=3) * np.float32(sx * sx)
+                  + cv2.Sobel(g, cv2.CV_32F, 0, 2, ksize=3) * np.float32(sy_px * sy_px))
+    mx = cv2.dilate(where, disk.astype(np.uint8), borderType=cv2.BORDER_REPLICATE)
+    peaks = (where >= mx) & (where > 0) & (seed_img > t_noise) & valid
     t = t_noise
     heights = np.sort(seed_img[peaks])[::-1]
     if heights.size:
@@ -499,8 +538,8 @@ def scale_detect(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: Seg
             # the scale-space blobs are parts (lobes) of objects that stand apart: take the objects
             size_nm = float(np.clip(whole, lo or 0.0, hi or np.inf))
             source = "auto: objects made of parts"
-            first = None
-    else:
+        # a first pass was only needed to test for parts: when the objects are the scale-space
+        # blobs themselves, the blob detector's seeds (scale_labels blob_seeds) find them
         first = None
     # an object is at most the frame (a wrong pixel size in the header must not allocate without bound)
     ny, nx = f.shape
@@ -510,7 +549,7 @@ def scale_detect(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: Seg
     info: dict[str, Any] = {"object_size_nm": float(size_nm), "size_source": source}
     offset = 0
     for k, sgn in enumerate(signs):
-        labels, diag = first if (k == 0 and first is not None) else scale_labels(f if sgn > 0 else -f, valid, size_px, noise)
+        labels, diag = scale_labels(f if sgn > 0 else -f, valid, size_px, noise, blob_seeds=source == "auto")
         core = diag.pop("core")
         diag.pop("seed_mask")
         regions += regions_from_labels(labels, valid, (dx, dy), contrast=sgn, label_offset=offset, edge_labels=core)
