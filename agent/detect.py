@@ -91,6 +91,10 @@ DENSE_SPACING = 1.1
 #: objects that cover little of it are a chain (e.g. clusters decorating a step edge: 9 %), not a
 #: layer, and the template detector would match the bare terraces between them.
 DENSE_MIN_COVER = 0.3
+#: Blob seeds: Lowe's edge-response bound tr^2 / det < (r + 1)^2 / r with r = 10 (a ridge fails it).
+EDGE_RATIO = 11.0 ** 2 / 10.0
+#: An object spans at least this many scan lines and pixels (fewer cannot be told from line noise).
+MIN_LINES = 3
 #: Automatic size search range, pixels of extent (before the image-size cap).
 AUTO_MIN_EXTENT_PX = 4.0
 #: Object extent per scale-space sigma of its blob (see :func:`estimate_object_size`).
@@ -159,6 +163,21 @@ def pixel_noise(image: np.ndarray, valid: np.ndarray | None = None) -> float:
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
 
 
+def line_median(img: np.ndarray) -> np.ndarray:
+    """3-line median along the slow scan axis (rows): removes what lives on one scan line only.
+
+    A tip glitch, a spike or a streak is recorded on one line; an object is 2-D and covers several
+    consecutive lines, which a 3-line median keeps whole (a feature 2 lines tall survives). Rows
+    0 and ``ny - 1`` are kept. float32 ``(ny, nx)``.
+    """
+    if img.shape[0] < 3:
+        return img
+    a, b, c = img[:-2], img[1:-1], img[2:]
+    out = img.copy()
+    out[1:-1] = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+    return out
+
+
 def _gauss(img: np.ndarray, sx: float, sy: float) -> np.ndarray:
     if sx <= 0.3 and sy <= 0.3:
         return img
@@ -219,7 +238,9 @@ def estimate_object_size(image: np.ndarray, pixel_size_nm: tuple[float, float],
     f, valid, k = _reduced(np.asarray(image, np.float32), valid)
     f = f - _opening(f, max(3, f.shape[1] // 4), max(3, f.shape[0] // 4))
     cap = max(AUTO_MIN_EXTENT_PX, min(nx, ny * ratio) / 4.0)  # no object larger than a quarter frame
-    lo_px = min(max(AUTO_MIN_EXTENT_PX, (lo_nm / dx) if lo_nm else 0.0), cap)
+    # an object spans at least MIN_LINES scan lines: with coarse lines (dy >> dx) smaller ones are
+    # not resolved along the slow axis
+    lo_px = min(max(AUTO_MIN_EXTENT_PX, MIN_LINES * ratio, (lo_nm / dx) if lo_nm else 0.0), cap)
     hi_px = min(max(cap, 2 * lo_px) if not hi_nm else hi_nm / dx, cap)
     hi_px = max(hi_px, lo_px)
     ext = lo_px * 2.0 ** (np.arange(-1, 41) / 4.0)
@@ -259,12 +280,18 @@ def estimate_object_size(image: np.ndarray, pixel_size_nm: tuple[float, float],
         pk &= whole
     elif valid is not None:
         pk &= valid[None]
-    si = np.nonzero(pk)[0]
+    si, yi, xi = np.nonzero(pk)
     v = r[pk]
     if v.size == 0:
         return float(lo_px * dx)
+    # sub-step scale of each blob: the parabola through its response at the scales below, at and
+    # above (in log scale, as SIFT's scale refinement), so that the median moves smoothly
+    rm, rp = r[si - 1, yi, xi], r[si + 1, yi, xi]
+    curv = rm - 2.0 * v + rp
+    off = np.clip(np.where(curv < 0, 0.5 * (rm - rp) / np.where(curv < 0, curv, -1.0), 0.0), -0.5, 0.5)
+    e_all = ext[si] * 2.0 ** (off / 4.0)
     sel = v >= 0.25 * v.max()
-    w, e = v[sel], ext[si[sel]]
+    w, e = v[sel], e_all[sel]
     o = np.argsort(e)
     cw = np.cumsum(w[o])
     return float(e[o][np.searchsorted(cw, 0.5 * cw[-1])] * dx)
@@ -442,10 +469,18 @@ def scale_labels(f: np.ndarray, valid: np.ndarray, size_px: tuple[float, float],
         # smoothed image merges (clusters in a chain along a step); significance still on seed_img
         sb = 1.0 / EXTENT_PER_SIGMA
         g = _gauss(th, sb * sx, sb * sy_px)
-        where = -(cv2.Sobel(g, cv2.CV_32F, 2, 0, ksize=3) * np.float32(sx * sx)
-                  + cv2.Sobel(g, cv2.CV_32F, 0, 2, ksize=3) * np.float32(sy_px * sy_px))
+        lxx = cv2.Sobel(g, cv2.CV_32F, 2, 0, ksize=3) * np.float32(sx * sx)
+        lyy = cv2.Sobel(g, cv2.CV_32F, 0, 2, ksize=3) * np.float32(sy_px * sy_px)
+        lxy = cv2.Sobel(g, cv2.CV_32F, 1, 1, ksize=3) * np.float32(sx * sy_px)
+        where = -(lxx + lyy)
+        # a blob is 2-D: a streak, a scan line or a drawn line is a ridge, one curvature ~0. Lowe's
+        # edge-response test (IJCV 60, 91 (2004), r = 10): tr^2 / det < (r + 1)^2 / r, det > 0
+        det = lxx * lyy - lxy * lxy
+        blob = (det > 0) & (where * where < EDGE_RATIO * det)
     mx = cv2.dilate(where, disk.astype(np.uint8), borderType=cv2.BORDER_REPLICATE)
     peaks = (where >= mx) & (where > 0) & (seed_img > t_noise) & valid
+    if blob_seeds:
+        peaks &= blob
     t = t_noise
     heights = np.sort(seed_img[peaks])[::-1]
     if heights.size:
@@ -523,7 +558,12 @@ def scale_detect(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: Seg
     """
     dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
     f, valid = fill_nan(np.asarray(image, np.float32))
-    noise = pixel_noise(np.asarray(image, np.float32), valid)
+    # the noise a seed must stand out of: along the fast axis (pixel noise) and across lines, where
+    # line-to-line noise (tip changes, streaks, feedback jitter) adds to it
+    a = np.asarray(image, np.float32)
+    noise = max(pixel_noise(a, valid), pixel_noise(np.ascontiguousarray(a.T), np.ascontiguousarray(valid.T)))
+    # scan-line glitches (spikes, streaks on one line) are not objects: an object spans several lines
+    f = line_median(f)
     signs = {"bright": [1], "dark": [-1], "both": [1, -1]}[cfg.polarity]
     source = "given" if size_nm else "auto"
     if not size_nm:
@@ -547,6 +587,12 @@ def scale_detect(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: Seg
     size_px = (max(size_nm / dx, 1.0), max(size_nm / dy, 1.0))
     regions: list[Region] = []
     info: dict[str, Any] = {"object_size_nm": float(size_nm), "size_source": source}
+    if min(size_px) < MIN_LINES:
+        # what lives on fewer than 3 lines (or columns) cannot be told from line noise: not an object
+        info["unresolved"] = (f"no object: objects of {size_nm:.3g} nm span {size_nm / dy:.1f} scan lines "
+                              f"({dy:.3g} nm per line) and {size_nm / dx:.1f} pixels; at least {MIN_LINES} "
+                              "of each are needed to tell an object from line noise")
+        signs = []
     offset = 0
     for k, sgn in enumerate(signs):
         labels, diag = scale_labels(f if sgn > 0 else -f, valid, size_px, noise, blob_seeds=source == "auto")
@@ -629,7 +675,7 @@ def detect_objects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: S
         source = "auto within 0.5-2x the references"
     regions, info = scale_detect(img, (dx, dy), cfg, size_nm, rng)
     extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()
-             if k not in ("size_source", "object_size_nm", "threshold", "threshold_dark")}
+             if k not in ("size_source", "object_size_nm", "threshold", "threshold_dark", "unresolved")}
     if info.get("size_source", "").startswith("auto:"):
         source = info["size_source"]
     rep = DetectionReport(method="scale", requested=cfg.method, reason="configured" if method == "scale" else
@@ -652,7 +698,7 @@ def detect_objects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: S
             rep.reason = f"sparse frame ({why}): scale-space detector"
     elif method == "template":
         rep.reason = "template requested but no reference: scale-space detector"
-    rep.note = _note(regions, img)
+    rep.note = info.get("unresolved") or _note(regions, img)
     return regions, rep
 
 

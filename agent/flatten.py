@@ -103,6 +103,26 @@ def flatten(frame: np.ndarray, plane: bool = True, rows: RowMode = "median") -> 
     return out.astype(np.float32)
 
 
+def blank_constant_lines(frame: np.ndarray) -> np.ndarray:
+    """The frame with its constant scan lines set to NaN (not acquired).
+
+    A measured line always carries noise; a line whose every value is identical was not measured
+    (converters such as ProbeFlow's Createc export pad the unscanned lines with one value). Such
+    lines are blanked only when some other line varies, so a flat channel stays a flat frame
+    (constant height) and is reported as such, never as an empty one. Returns ``frame`` itself
+    when nothing is blanked, else a float copy.
+    """
+    a = np.asarray(frame)
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.fmin.reduce(a, axis=1), np.fmax.reduce(a, axis=1)
+    const = np.isfinite(lo) & (lo == hi)
+    if not const.any() or const.sum() == np.isfinite(lo).sum():
+        return frame
+    out = np.array(a, dtype=np.float64 if a.dtype == np.float64 else np.float32)
+    out[const] = np.nan
+    return out
+
+
 def fill_nan(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Replace NaN pixels by the median of the finite pixels.
 

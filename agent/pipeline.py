@@ -22,7 +22,7 @@ from stm_agent.agent.detect import DetectionReport, detect_objects
 from stm_agent.agent.descriptors import descriptor_record, describe_regions, z_unit_of
 from stm_agent.agent.domain import OTHER, Detection, FrameResult, Scan
 from stm_agent.agent.errors import EmptyScanError, NoObjectError, ReferenceLibraryError
-from stm_agent.agent.flatten import fill_nan, flatten
+from stm_agent.agent.flatten import blank_constant_lines, fill_nan, flatten
 from stm_agent.agent.match import RefEmbeddings, assign, size_gate, species_scores
 from stm_agent.agent.normalise import check_window_px, frame_range, normalise_crops
 from stm_agent.agent.references import object_extent_nm, window_nm
@@ -77,6 +77,7 @@ def flattened_channel(scan: Scan, cfg: AgentConfig, library_channel: str | None 
     frame = signal_up(scan.frame(channel, cfg.direction), scan.units.get(channel))
     if not np.isfinite(frame).any():
         raise EmptyScanError(scan.source, f"channel {channel} {cfg.direction} has no acquired pixel")
+    frame = blank_constant_lines(frame)  # padded, never scanned lines are not data
     return channel, cinfo, flatten(frame, plane=cfg.flatten.plane, rows=cfg.flatten.rows)
 
 
