@@ -5,6 +5,7 @@ Layout under the output folder::
 
     contact_sheet.png       one row per cluster: its label, size, and its medoids (most typical first)
     cluster_<c>.png         every object of cluster c (up to 96), medoids first, then by distance
+    medoid_<c>_<j>.png      the j-th medoid's crop (8-bit grey, ``normalise.size_px`` square)
     clusters.csv            cluster, n, mean area (nm^2), extent (nm), height, share of depressions
     objects.csv             one row per object: scan, x_px, y_px, area, extent, height, contrast, cluster
     discovery.json          method, parameters, and per cluster its medoids (scan path + pixel position)
@@ -120,10 +121,17 @@ def write_discovery(out: str | Path, objs, x: np.ndarray, clustering, meds: dict
         for k, i in enumerate(order[:per_row]):
             row[12:12 + TILE, 190 + k * TILE:190 + (k + 1) * TILE] = _tile(objs.grey[i], colour if k < len(med) else (70, 70, 70))
         sheet_rows.append(row)
+        pngs = []
+        for j, i in enumerate(med if c >= 0 else []):  # each medoid's crop, for the dashboard's gallery
+            p = out / f"medoid_{c}_{j}.png"
+            if not cv2.imwrite(str(p), objs.grey[i]):
+                raise OSError(f"{p}: could not write the PNG")
+            files.append(p)
+            pngs.append(p.name)
         rows_json.append({
-            "cluster": int(c), "n": int(len(idx)), **summ,
+            "cluster": int(c), "n": int(len(idx)), **summ, "png": f"cluster_{'noise' if c < 0 else c}.png",
             "medoids": [{"scan": objs.frame[i], "x_px": float(objs.centroid_px[i, 0]), "y_px": float(objs.centroid_px[i, 1]),
-                         "bbox_px": [int(v) for v in objs.bbox_px[i]]} for i in med],
+                         "bbox_px": [int(v) for v in objs.bbox_px[i]], "png": png} for i, png in zip(med, pngs)],
         })
     header = np.full((36, sheet_rows[0].shape[1], 3), 30, np.uint8)
     _text(header, f"{len(objs)} objects from {len(set(objs.frame))} frames; {info.get('embedding')} / "

@@ -251,7 +251,7 @@ def refs_add(
     lib = ReferenceLibrary(cfg.references.folder)
     try:
         if from_cluster is not None:
-            from stm_agent.agent.cli_discover import adopt_cluster
+            from stm_agent.agent.discovery_run import adopt_cluster
 
             if not 1 <= medoids <= 5:
                 raise typer.BadParameter(f"--medoids {medoids}: give 1..5 (discovery keeps 5 medoids per cluster)")

@@ -103,7 +103,7 @@ def _desc_matrix(d) -> np.ndarray:
 
 
 def collect_objects(scans: Sequence[Any], cfg, window_factor: float | None = None,
-                    on_error: Any | None = None) -> Objects:
+                    on_error: Any | None = None, progress: Any | None = None) -> Objects:
     """Segment every frame and cut every whole object (not touching the edge) in one window.
 
     Parameters
@@ -117,6 +117,8 @@ def collect_objects(scans: Sequence[Any], cfg, window_factor: float | None = Non
     on_error : callable(scan, exception) | None
         Called for a frame that cannot be segmented (no acquired pixel, channel absent), which is
         then skipped; None = raise.
+    progress : callable(done, total) | None
+        Called before each frame with (frames done, total).
 
     Returns
     -------
@@ -135,7 +137,9 @@ def collect_objects(scans: Sequence[Any], cfg, window_factor: float | None = Non
 
     per = []
     units = set()
-    for scan in scans:
+    for i, scan in enumerate(scans):
+        if progress is not None:
+            progress(i, len(scans))
         try:
             fd = detect_frame(scan, cfg)
         except (StmAgentError, KeyError) as exc:

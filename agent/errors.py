@@ -41,6 +41,11 @@ class ReferenceLibraryError(StmAgentError):
     """The reference library is missing, empty or inconsistent (names the folder and the reason)."""
 
 
+class DiscoveryError(StmAgentError):
+    """A discovery run cannot proceed: no scan, too few objects to cluster, unknown embedding or
+    clustering, torch missing for the autoencoder (names the input and the reason)."""
+
+
 class ConfigError(StmAgentError):
     """The configuration is invalid (names the key and the allowed values)."""
 

@@ -3,7 +3,8 @@
 The real agent runs with real scans and its dashboard; the page shows the frame with its overlay,
 the counts and the time series, updates live as scans arrive, and turns a clicked object into a
 reference that the agent uses for the next frame. A second browser opened late gets the history
-and, without the token, cannot edit. Screenshots go to ``tmp_path/screenshots`` (or to
+and, without the token, cannot edit. Discovery runs from the page on the recorded frames while the
+live view goes on; a discovered cluster adopted in one click is counted in the next frame. Screenshots go to ``tmp_path/screenshots`` (or to
 ``$STM_AGENT_SCREENSHOTS``).
 """
 
@@ -179,11 +180,57 @@ def test_dashboard_live_frame_series_and_one_click_reference(browser, sxm_dir, t
             p.wait_for_function(f"window.stmDash.rendered.some(r => r.frame_id === '{fourth['frame_id']}')",
                                 timeout=10_000)
         other.screenshot(path=str(shots / "dashboard_readonly.png"), full_page=True)
+        assert other.is_disabled("#disc-run")
+
+        # discovery from the page: run it on the recorded frames, see the clusters, adopt one
+        page.select_option("#disc-source", "frames:all")
+        page.click("#disc-run")
+        # the live view goes on while it runs: a frame that arrives now is shown
+        fifth = arrive("a3.sxm", make_unique_sxm(data, 3))
+        page.wait_for_function(f"window.stmDash.rendered.some(r => r.frame_id === '{fifth['frame_id']}')",
+                               timeout=10_000)
+        page.wait_for_selector("#disc-clusters .dcluster", timeout=120_000)
+        page.wait_for_function("document.getElementById('disc-status').innerText.includes('clusters')")
+        st = httpx.get(url + "api/discovery").json()
+        assert st["state"] == "done", st
+        res = st["result"]
+        seen = page.evaluate("window.stmDash.discovery")
+        assert "segmenting" in seen and seen[-1] == "done", seen
+        assert f"{res['n_objects']} objects in {res['n_scans']} scans" in page.inner_text("#disc-status")
+        assert page.locator("#disc-clusters .dcluster").count() == res["k"] >= 2
+        page.wait_for_function("[...document.querySelectorAll('#disc-clusters img')].every(i => i.complete && i.naturalWidth > 0)")
+        assert page.locator("#disc-clusters img").count() == sum(min(5, len(c["medoids"])) for c in res["clusters"])
+        # the other page got the same clusters through the live feed, and cannot adopt
+        other.wait_for_selector("#disc-clusters .dcluster", timeout=10_000)
+        assert other.locator("#disc-clusters button.adopt:disabled").count() == res["k"]
+        big = max(res["clusters"], key=lambda c: c["n"])
+        card = page.locator(f"#disc-clusters .dcluster[data-cluster='{big['cluster']}']")
+        assert f"{big['n']} objects" in card.inner_text()
+        card.locator("input").fill("discovered")
+        card.locator("button.adopt").click()
+        page.wait_for_function(f"""document.querySelector("#disc-clusters .dcluster[data-cluster='{big['cluster']}'] .dmsg")
+                               .innerText.includes('adopted as discovered')""", timeout=30_000)
+        n_ref = int(card.locator(".dmsg").inner_text().split(": ")[1].split()[0])  # "adopted as x: 3 references"
+        assert 1 <= n_ref <= 3 and page.locator("#refs .card[data-species=discovered]").count() == n_ref
+        end = time.monotonic() + 20
+        while agent.hooks.reloads < 2:
+            assert time.monotonic() < end, "the agent did not reload its reference library"
+            time.sleep(0.05)
+        page.locator("#disc-panel").screenshot(path=str(shots / "dashboard_discovery_panel.png"))
+        page.screenshot(path=str(shots / "dashboard_discovery.png"), full_page=True)
+        # the next frame, a copy of the scan the first medoid came from, counts the adopted species
+        src = big["medoids"][0]["scan"]
+        nxt = arrive("d0.sxm", make_unique_sxm((acq / src).read_bytes(), 10))
+        assert nxt["counts"].get("discovered", 0) >= 1, nxt["counts"]
+        page.wait_for_function(f"window.stmDash.rendered.some(r => r.frame_id === '{nxt['frame_id']}')",
+                               timeout=10_000)
+        assert page.locator("#frame-counts [data-species=discovered] b").inner_text() == str(nxt["counts"]["discovered"])
+        assert not errors, errors
     finally:
         agent.stop()
         th.join(20)
         sub.close()
     assert not th.is_alive()
-    for name in ("dashboard.png", "dashboard_partial.png", "dashboard_readonly.png"):
+    for name in ("dashboard.png", "dashboard_partial.png", "dashboard_readonly.png", "dashboard_discovery.png"):
         assert (shots / name).stat().st_size > 20_000
     assert set(first["counts"]) == {"other"} and second["status"] == "ok"

@@ -12,7 +12,13 @@ Routes (all JSON unless said otherwise):
 * ``POST /api/references`` ``{frame_id, x_px, y_px, species}`` and
   ``DELETE /api/references/{species}/{id}``: need ``Authorization: Bearer <dashboard.token>``;
   without a configured token the dashboard is read-only (403);
-* ``GET /api/events``: server-sent events ``frame``, ``health``, ``trigger``, ``references``.
+* ``GET /api/discovery`` (state of the newest discovery run: running with its stage, or its
+  clusters), ``GET /api/discovery/folders`` (folders inside the acquisition roots that hold scans),
+  ``GET /api/discovery/runs/{run}/{name}.png`` (cluster, medoid crop, contact sheet);
+  ``POST /api/discovery`` ``{source: frames|folder, range, folder}``, ``POST /api/discovery/cancel``
+  and ``POST /api/discovery/adopt`` ``{run, cluster, species, medoids}``: need the token;
+* ``GET /api/events``: server-sent events ``frame``, ``health``, ``trigger``, ``references``,
+  ``discovery``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import json
 import os
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -32,6 +38,7 @@ from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
 from stm_agent.adapters.dashboard.data import DashboardData, DataError
+from stm_agent.adapters.dashboard.discovery import DiscoveryJobs
 from stm_agent.adapters.dashboard.live import LiveHub
 from stm_agent.agent.config import AgentConfig
 
@@ -54,6 +61,23 @@ class NewReference(BaseModel):
     species: str = Field(min_length=1, max_length=64)
 
 
+class DiscoveryRequest(BaseModel):
+    """Body of ``POST /api/discovery``: the frames of a history range, or a folder of scans."""
+
+    source: Literal["frames", "folder"] = "frames"
+    range: Literal["session", "1h", "24h", "all"] = "all"
+    folder: str | None = Field(None, max_length=4096)
+
+
+class Adoption(BaseModel):
+    """Body of ``POST /api/discovery/adopt``: cluster ``cluster`` of run ``run`` becomes ``species``."""
+
+    run: str = Field(min_length=15, max_length=24)
+    cluster: int = Field(ge=0)
+    species: str = Field(min_length=1, max_length=64)
+    medoids: int = Field(3, ge=1, le=5)
+
+
 def create_app(cfg: AgentConfig, endpoint: str | None = None, token: str | None = None) -> FastAPI:
     """Build the dashboard application for the agent configured by ``cfg``.
 
@@ -68,6 +92,7 @@ def create_app(cfg: AgentConfig, endpoint: str | None = None, token: str | None 
     """
     data = DashboardData(cfg)
     hub = LiveHub(cfg.publish.endpoint if endpoint is None else (endpoint or None), data)
+    jobs = DiscoveryJobs(cfg, data, lambda state: hub._broadcast("discovery", state))
     secret = token if token is not None else dashboard_token(cfg)
     static = resources.files("stm_agent.adapters.dashboard").joinpath("static")
 
@@ -77,10 +102,11 @@ def create_app(cfg: AgentConfig, endpoint: str | None = None, token: str | None 
         try:
             yield
         finally:
+            jobs.stop()
             hub.stop()
 
     app = FastAPI(title="stm-agent dashboard", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.hub, app.state.data = hub, data
+    app.state.hub, app.state.data, app.state.discovery = hub, data, jobs
 
     @app.exception_handler(DataError)
     async def _data_error(request: Request, exc: DataError) -> JSONResponse:
@@ -151,6 +177,33 @@ def create_app(cfg: AgentConfig, endpoint: str | None = None, token: str | None 
         data.remove_reference(species, ref_id)
         hub._broadcast("references", {"removed": {"species": species, "id": ref_id}})
         return {"removed": {"species": species, "id": ref_id}}
+
+    @app.get("/api/discovery")
+    def discovery_state() -> dict[str, Any]:
+        return jobs.public()
+
+    @app.get("/api/discovery/folders")
+    def discovery_folders() -> dict[str, Any]:
+        return {"folders": jobs.folders(), "roots": list(jobs.acq.folders)}
+
+    @app.get("/api/discovery/runs/{run}/{name}")
+    def discovery_image(run: str, name: str) -> FileResponse:
+        return FileResponse(jobs.image(run, name), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/api/discovery", status_code=202, dependencies=[Depends(may_edit)])
+    def discovery_start(body: DiscoveryRequest) -> dict[str, Any]:
+        hb = hub.heartbeat if hub.heartbeat_at is not None else None
+        return jobs.start(body.source, body.range, body.folder, hb.get("uptime_s") if hb else None)
+
+    @app.post("/api/discovery/cancel", dependencies=[Depends(may_edit)])
+    def discovery_cancel() -> dict[str, Any]:
+        return jobs.cancel()
+
+    @app.post("/api/discovery/adopt", dependencies=[Depends(may_edit)])
+    def discovery_adopt(body: Adoption) -> dict[str, Any]:
+        out = jobs.adopt(body.run, body.cluster, body.species, body.medoids)
+        hub._broadcast("references", {"adopted": out})
+        return out
 
     @app.get("/api/events")
     async def events(request: Request) -> EventSourceResponse:

@@ -113,6 +113,15 @@ class DashboardData:
                            "ORDER BY processed_at DESC, rowid DESC LIMIT ?", (since or "", int(limit)))
         return [frame_summary(r) for r in reversed(rows)]
 
+    def scan_paths(self, since: str | None = None, limit: int = 500) -> list[str]:
+        """Paths of the ``.sxm`` scans of the newest ``limit`` frames processed (status ok) at or
+        after ``since`` that can still be read, oldest first, each once."""
+        rows = self._query("SELECT path FROM frames WHERE status = 'ok' AND processed_at >= ? "
+                           "ORDER BY processed_at DESC, rowid DESC LIMIT ?", (since or "", int(limit)))
+        out = dict.fromkeys(r["path"] for r in reversed(rows)
+                            if r["path"] and Path(r["path"]).suffix.lower() == ".sxm" and Path(r["path"]).is_file())
+        return list(out)
+
     def frame(self, frame_id: str) -> dict[str, Any]:
         """Summary + ``detections`` + whether a display image is kept.
 

@@ -10,10 +10,11 @@ const OTHER = "other", OTHER_COLOUR = "#969696";
 
 const state = {
   info: null, frames: [], byId: new Map(), shown: null, detail: null, species: [],
-  firings: [], refs: [], health: null, healthAt: 0, token: null, picked: null,
+  firings: [], refs: [], health: null, healthAt: 0, token: null, picked: null, discovery: null,
 };
-// For tests and the latency benchmark: when each live frame was on screen (epoch ms).
-window.stmDash = { rendered: [], ready: false };
+// For tests and the latency benchmark: when each live frame was on screen (epoch ms); the
+// discovery states and stages the page has shown.
+window.stmDash = { rendered: [], ready: false, discovery: [] };
 
 const $ = (id) => document.getElementById(id);
 function el(tag, attrs = {}, ...children) {
@@ -325,6 +326,89 @@ async function loadRefs() {
     box.append(card);
   }
 }
+// ------------------------------------------------------------------ species discovery
+const STAGES = { starting: "starting", reading: "reading scans", segmenting: "segmenting scans", training: "training the autoencoder",
+  embedding: "embedding the objects", clustering: "clustering", writing: "writing the gallery" };
+async function loadDiscoveryFolders() {
+  const r = await api("/api/discovery/folders");
+  const sel = $("disc-source");
+  for (const o of [...sel.options]) if (o.value.startsWith("folder:")) o.remove();
+  for (const f of r.folders) sel.append(el("option", { value: "folder:" + f.folder, text: `folder ${f.folder} (${f.scans} scans)` }));
+}
+async function runDiscovery() {
+  const [source, rest] = $("disc-source").value.split(/:(.*)/s);
+  const body = source === "folder" ? { source, folder: rest } : { source, range: rest };
+  $("disc-run").disabled = true;
+  try { drawDiscovery(await api("/api/discovery", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) })); }
+  catch (e) { $("disc-run").disabled = false; $("disc-status").className = "meta err"; $("disc-status").textContent = String(e.message || e); }
+}
+let discShown = null;  // the run whose clusters are drawn (progress events do not redraw them)
+function drawDiscovery(st) {
+  state.discovery = st;
+  const status = $("disc-status"), prog = $("disc-progress"), running = st.state === "running";
+  $("disc-run").disabled = running || !canEdit();
+  $("disc-run").title = canEdit() ? "" : readOnlyWhy();
+  $("disc-cancel").hidden = !(running && canEdit());
+  prog.hidden = !running;
+  status.className = "meta" + (st.state === "failed" ? " err" : "");
+  status.title = "";
+  window.stmDash.discovery.push(st.state === "running" ? st.stage : st.state);
+  const input = st.source === "folder" ? `folder ${st.folder}` : st.source === "frames" ? `${st.n_scans} recorded frames` : "";
+  if (running) {
+    const stage = STAGES[st.stage] || st.stage;
+    const per = (st.stage === "reading" || st.stage === "segmenting") && st.total ? ` ${st.done} / ${st.total}` : "";
+    status.textContent = `running on ${input}: ${stage}${per}…`;
+    const order = ["starting", "reading", "segmenting", "training", "embedding", "clustering", "writing"];
+    const i = Math.max(0, order.indexOf(st.stage)), frac = st.total ? st.done / st.total : 0;
+    prog.value = (i + (per ? frac : 0)) / order.length;
+  } else if (st.state === "failed") status.textContent = `discovery on ${input} failed: ${st.error}`;
+  else if (st.state === "cancelled") status.textContent = `discovery on ${input} cancelled`;
+  const res = st.result;
+  if (st.state === "done" && res) {
+    status.textContent = `${res.n_objects} objects in ${res.n_scans} scans → ${res.k} clusters ` +
+      `(${res.embedding} / ${res.method}, silhouette ${fmt(res.silhouette, 2)}; run ${res.run}` +
+      (res.n_skipped ? `; ${res.n_skipped} scans skipped` : "") + "). Name a cluster to adopt its most typical objects as references.";
+    if (res.n_skipped) status.title = res.skipped.map((s) => `${s.scan}: ${s.reason}`).join("\n");
+  }
+  if (!res || discShown === res.run) { if (res) drawAdoptable(); return; }
+  discShown = res.run;
+  const box = $("disc-clusters");
+  box.replaceChildren();
+  for (const c of res.clusters) {
+    const colour = PALETTE[c.cluster % PALETTE.length];
+    const unit = res.height_unit === "pm" ? "pm" : "σ";
+    const input = el("input", { autocomplete: "off", placeholder: "species name", "aria-label": `species name for cluster ${c.cluster}`,
+      pattern: "[A-Za-z0-9][A-Za-z0-9_.+\\-]{0,63}", required: "" });
+    const msg = el("div", { class: "dmsg" });
+    const form = el("form", {}, input, el("button", { type: "submit", class: "adopt", text: "Adopt" }));
+    form.addEventListener("submit", (ev) => adoptCluster(ev, res.run, c.cluster, input, msg));
+    const crops = el("div", { class: "crops" }, ...c.medoids.slice(0, 5).map((m) =>
+      el("img", { src: m.image, alt: `cluster ${c.cluster}`, title: `${m.scan} @ ${Math.round(m.x_px)}, ${Math.round(m.y_px)} px` })),
+      el("a", { href: c.image, target: "_blank", rel: "noopener", text: `all ${c.n} →` }));
+    box.append(el("div", { class: "dcluster", "data-cluster": c.cluster, style: `border-left-color:${colour}` },
+      el("div", { class: "dinfo" }, el("div", { class: "dname", text: `cluster ${c.cluster}` }),
+        el("div", { class: "sub", text: `${c.n} object${c.n === 1 ? "" : "s"} · ${fmt(c.area_nm2)} nm² · ${fmt(c.extent_nm)} nm across · ` +
+          `${fmt(c.height)} ${unit} high${c.depressions > 0 ? ` · ${Math.round(c.depressions * 100)} % depressions` : ""}` }), form),
+      crops, msg));
+  }
+  drawAdoptable();
+}
+function drawAdoptable() {
+  for (const b of document.querySelectorAll("#disc-clusters button.adopt")) { b.disabled = !canEdit(); b.title = canEdit() ? "" : readOnlyWhy(); }
+}
+async function adoptCluster(ev, run, cluster, input, msg) {
+  ev.preventDefault();
+  const species = input.value.trim();
+  msg.className = "dmsg"; msg.textContent = "adopting…";
+  try {
+    const r = await api("/api/discovery/adopt", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ run, cluster, species }) });
+    await loadRefs();  // the gallery shows them before the page says so
+    msg.className = "dmsg okmsg";
+    msg.textContent = `adopted as ${r.species}: ${r.ids.length} references; the agent counts ${r.species} from the next frame`;
+  } catch (e) { msg.className = "dmsg err"; msg.textContent = String(e.message || e); }
+}
+
 function drawHealth() {
   const h = state.health, box = $("health"), txt = $("health-text");
   if (!h || !h.heartbeat || h.heartbeat_age_s === null) {
@@ -351,7 +435,7 @@ function drawMode() {
   if (!state.info.writable) { m.textContent = "read-only"; return; }
   if (state.token) { m.textContent = "editing allowed"; return; }
   const inp = el("input", { type: "password", placeholder: "token to edit references", "aria-label": "token" });
-  inp.addEventListener("change", () => { state.token = inp.value.trim() || null; sessionStorage.setItem("stmToken", state.token || ""); drawMode(); loadRefs(); });
+  inp.addEventListener("change", () => { state.token = inp.value.trim() || null; sessionStorage.setItem("stmToken", state.token || ""); drawMode(); loadRefs(); if (state.discovery) drawDiscovery(state.discovery); });
   m.append(inp);
 }
 
@@ -378,6 +462,7 @@ function connect() {
     setTimeout(loadTriggers, 3000);
   });
   es.addEventListener("references", () => loadRefs());
+  es.addEventListener("discovery", (e) => drawDiscovery(JSON.parse(e.data)));
 }
 
 async function main() {
@@ -396,7 +481,9 @@ async function main() {
   setInterval(drawHealth, 1000);
   connect();
   state.health = await api("/api/health"); state.healthAt = Date.now(); drawHealth();
-  await Promise.all([loadRefs(), loadTriggers()]);
+  $("disc-run").addEventListener("click", runDiscovery);
+  $("disc-cancel").addEventListener("click", () => api("/api/discovery/cancel", { method: "POST" }).catch((e) => alert(e.message || e)));
+  await Promise.all([loadRefs(), loadTriggers(), loadDiscoveryFolders(), api("/api/discovery").then(drawDiscovery)]);
   await loadHistory();
   window.stmDash.ready = true;
 }
