@@ -106,8 +106,14 @@ def test_discover_on_a_folder_inside_the_acquisition_roots(sxm_dir, tmp_path, mo
         st = wait_finished(c)
         assert st["state"] == "done" and st["folder"].endswith("2026-12-01"), st
         assert st["result"]["n_scans"] == 2 and st["result"]["k"] >= 2
+        # a run can be cancelled (the process starts in seconds: cancelled before it is done)
+        assert c.post("/api/discovery/cancel", headers=AUTH).status_code == 409  # nothing running
+        assert c.post("/api/discovery", json={"source": "folder", "folder": str(day)}, headers=AUTH).status_code == 202
+        assert c.post("/api/discovery/cancel", headers=AUTH).status_code == 200
+        st2 = wait_finished(c)
+        assert st2["state"] == "cancelled" and not (cfg.results.store.parent / "discovery" / st2["run"]).exists(), st2
     # a dashboard opened later shows the newest finished run
     with TestClient(create_app(cfg, endpoint="", token=None)) as c:
-        st = c.get("/api/discovery").json()
-        assert st["state"] == "done" and st["result"]["run"] == st["run"]
+        st3 = c.get("/api/discovery").json()
+        assert st3["state"] == "done" and st3["run"] == st["run"] == st3["result"]["run"]
         assert c.post("/api/discovery", json={"source": "frames"}).status_code == 403
