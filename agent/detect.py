@@ -163,19 +163,23 @@ def pixel_noise(image: np.ndarray, valid: np.ndarray | None = None) -> float:
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
 
 
-def line_median(img: np.ndarray) -> np.ndarray:
-    """3-line median along the slow scan axis (rows): removes what lives on one scan line only.
-
-    A tip glitch, a spike or a streak is recorded on one line; an object is 2-D and covers several
-    consecutive lines, which a 3-line median keeps whole (a feature 2 lines tall survives). Rows
-    0 and ``ny - 1`` are kept. float32 ``(ny, nx)``.
-    """
+def _median3_rows(img: np.ndarray) -> np.ndarray:
     if img.shape[0] < 3:
         return img
     a, b, c = img[:-2], img[1:-1], img[2:]
     out = img.copy()
     out[1:-1] = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
     return out
+
+
+def line_median(img: np.ndarray) -> np.ndarray:
+    """3-line median along the slow scan axis, then 3-pixel median along the fast axis.
+
+    A tip glitch or a streak is recorded on one line, a spike on one pixel; an object is 2-D and
+    covers several consecutive lines and pixels, which these medians keep whole (a feature 2 lines
+    or 2 pixels wide survives). The border rows and columns are kept. float32 ``(ny, nx)``.
+    """
+    return np.ascontiguousarray(_median3_rows(np.ascontiguousarray(_median3_rows(img).T)).T)
 
 
 def _gauss(img: np.ndarray, sx: float, sy: float) -> np.ndarray:
@@ -562,7 +566,8 @@ def scale_detect(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: Seg
     # line-to-line noise (tip changes, streaks, feedback jitter) adds to it
     a = np.asarray(image, np.float32)
     noise = max(pixel_noise(a, valid), pixel_noise(np.ascontiguousarray(a.T), np.ascontiguousarray(valid.T)))
-    # scan-line glitches (spikes, streaks on one line) are not objects: an object spans several lines
+    # scan-line glitches and spikes (one line, one pixel) are not objects: an object spans several
+    # lines and pixels
     f = line_median(f)
     signs = {"bright": [1], "dark": [-1], "both": [1, -1]}[cfg.polarity]
     source = "given" if size_nm else "auto"
