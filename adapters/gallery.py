@@ -161,7 +161,8 @@ def write_discovery(out: str | Path, objs, x: np.ndarray, clustering, meds: dict
                         int(objs.desc[i, 3]), int(lab[i])])
     files.append(p)
     p = out / DISCOVERY_JSON
-    p.write_text(json.dumps({**info, "k": clustering.k, "silhouette": clustering.silhouette,
+    p.write_text(json.dumps({**info, "k": clustering.k, "k_silhouette": getattr(clustering, "k_silhouette", None),
+                             "silhouette": clustering.silhouette,
                              "silhouette_per_k": {str(k): v for k, v in clustering.tried.items()},
                              "window_nm": objs.window_nm, "n_objects": len(objs), "scans": sorted(set(objs.frame)),
                              "height_unit": height_unit, "clusters": rows_json}, indent=1, default=float))

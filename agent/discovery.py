@@ -25,8 +25,10 @@ Si(001); Kolev et al., arXiv 2506.01678; counting-molecules' clustering of Zerni
      session's own crops (:mod:`models.autoencoder`; torch to train, onnxruntime to run).
    * ``A+B``: blocks concatenated, each block scaled to unit mean squared norm (equal weight).
 3. **Clustering** (:func:`cluster`; scikit-learn): ``kmeans`` with k chosen by the silhouette
-   (Rousseeuw 1987) over k = 2..``k_max`` (not the elbow, as the review recommends),
-   ``agglomerative`` (Ward linkage, k by silhouette), ``hdbscan`` (Campello et al. 2013;
+   (Rousseeuw 1987) over k = 2..``k_max`` (not the elbow, as the review recommends), then
+   clusters that one Gaussian explains merged (:func:`merge_gaussian`, the G-means test run
+   backwards: the silhouette over-splits one species into tight groups),
+   ``agglomerative`` (Ward linkage, k likewise), ``hdbscan`` (Campello et al. 2013;
    noise = cluster -1). Pixel blocks are reduced by PCA (16 components) first.
 4. **Medoids**: per cluster, the objects closest to the cluster mean in the embedding space; they
    are shown first in the gallery and become the references of ``refs add --from-cluster``.
@@ -44,7 +46,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-__all__ = ["Objects", "collect_objects", "objects_from_boxes", "canonical_pixels", "embed", "cluster",
+__all__ = ["Objects", "collect_objects", "objects_from_boxes", "canonical_pixels", "embed", "cluster", "merge_gaussian",
            "Clustering", "medoids", "EMBEDDINGS", "METHODS", "DEFAULT_EMBEDDING", "DEFAULT_METHOD",
            "cluster_scores"]
 
@@ -338,6 +340,8 @@ class Clustering:
         Of the chosen partition (NaN when undefined).
     tried : dict[int, float]
         Silhouette per k tried (kmeans / agglomerative).
+    k_silhouette : int | None
+        The k the silhouette chose, before :func:`merge_gaussian` (None when k was given).
     """
 
     labels: np.ndarray
@@ -345,6 +349,7 @@ class Clustering:
     k: int
     silhouette: float
     tried: dict[int, float] = field(default_factory=dict)
+    k_silhouette: int | None = None
 
 
 def _silhouette(x: np.ndarray, labels: np.ndarray) -> float:
@@ -357,8 +362,76 @@ def _silhouette(x: np.ndarray, labels: np.ndarray) -> float:
     return float(silhouette_score(x[ok], labels[ok], sample_size=min(n, 2000), random_state=0))
 
 
+#: Anderson-Darling critical value at significance 1e-4 (Stephens' corrected A*^2), as in G-means.
+AD_CRITICAL = 1.8692
+
+
+def _anderson_darling_normal(p: np.ndarray) -> float:
+    """Anderson-Darling ``A*^2`` of a 1-D sample against a normal law of its own mean and standard
+    deviation (D'Agostino & Stephens 1986, case 3, with the small-sample factor ``1 + 4/n - 25/n^2``)."""
+    from scipy.special import log_ndtr
+
+    n = len(p)
+    sd = p.std(ddof=1) if n > 1 else 0.0
+    if n < 3 or sd < 1e-12:  # nothing to test against: one Gaussian explains it
+        return 0.0
+    z = np.sort((p - p.mean()) / sd)
+    i = np.arange(1, n + 1)
+    a2 = -n - np.mean((2 * i - 1) * (log_ndtr(z) + log_ndtr(-z[::-1])))
+    return float(a2 * (1 + 4 / n - 25 / n ** 2))
+
+
+def merge_gaussian(x: np.ndarray, labels: np.ndarray, critical: float = AD_CRITICAL, min_k: int = 2) -> np.ndarray:
+    """Merge clusters that one Gaussian explains: the G-means test (Hamerly & Elkan, NIPS 2003) run
+    backwards, on pairs.
+
+    For every pair of clusters, the union's embeddings are projected on the line joining the two
+    centroids and standardised; the Anderson-Darling statistic with Stephens' small-sample
+    correction, ``A*^2 = A^2 (1 + 4/n - 25/n^2)``, measures how far the projection is from one
+    Gaussian. The pair most consistent with one Gaussian is merged while its ``A*^2`` is below
+    ``critical`` (1.8692: significance 1e-4, G-means' setting); so over-split clusters of one
+    species (the silhouette favours several tight groups) are joined, while two species, whose
+    projection is bimodal, stay apart.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        float ``(N, d)`` embeddings.
+    labels : np.ndarray
+        int ``(N,)`` clusters 0..k-1 (no noise label).
+    critical : float
+        ``A*^2`` below which a pair is merged.
+    min_k : int
+        Never fewer clusters (2: the silhouette's own range; whether a set holds a single species
+        is left to the physicist looking at the gallery).
+
+    Returns
+    -------
+    np.ndarray
+        int ``(N,)`` merged clusters renumbered 0..k'-1 (k' <= k), in the order of their first label.
+    """
+    x = np.asarray(x, np.float64)
+    lab = np.asarray(labels).copy()
+    while len(set(lab.tolist())) > min_k:
+        cs = sorted(set(lab.tolist()))
+        best = None
+        for i, a in enumerate(cs):
+            for b in cs[i + 1:]:
+                m = (lab == a) | (lab == b)
+                v = x[lab == b].mean(axis=0) - x[lab == a].mean(axis=0)
+                p = x[m] @ (v / (np.linalg.norm(v) + 1e-12))
+                a2 = _anderson_darling_normal(p)
+                if best is None or a2 < best[0]:
+                    best = (a2, a, b)
+        if best is None or best[0] >= critical:
+            break
+        lab[lab == best[2]] = best[1]
+    order = {c: i for i, c in enumerate(sorted(set(lab.tolist())))}
+    return np.array([order[c] for c in lab.tolist()], dtype=int)
+
+
 def cluster(x: np.ndarray, method: str = DEFAULT_METHOD, *, k: int | None = None, k_max: int = 8,
-            min_cluster_size: int | None = None, seed: int = 0) -> Clustering:
+            min_cluster_size: int | None = None, seed: int = 0, merge: bool = True) -> Clustering:
     """Cluster embeddings ``x`` float ``(N, d)``.
 
     Parameters
@@ -372,6 +445,9 @@ def cluster(x: np.ndarray, method: str = DEFAULT_METHOD, *, k: int | None = None
         HDBSCAN; default max(5, N // 25).
     seed : int
         k-means initialisation.
+    merge : bool
+        With k chosen by silhouette, then merge clusters that one Gaussian explains
+        (:func:`merge_gaussian`; the silhouette over-splits a species into tight groups).
 
     Raises
     ------
@@ -408,7 +484,11 @@ def cluster(x: np.ndarray, method: str = DEFAULT_METHOD, *, k: int | None = None
         if best is None or s > best[0]:
             best = (s, kk, lab)
     s, kk, lab = best  # type: ignore[misc]
-    return Clustering(lab, method, kk, s, tried)
+    if not merge:
+        return Clustering(lab, method, kk, s, tried, kk)
+    merged = merge_gaussian(x, lab)
+    k2 = int(merged.max() + 1)
+    return Clustering(merged, method, k2, s if k2 == kk else _silhouette(x, merged), tried, kk)
 
 
 def medoids(x: np.ndarray, labels: np.ndarray, n: int = 5) -> dict[int, list[int]]:

@@ -14,7 +14,8 @@ species) are left out, as the issue says.
 Baselines: ``random`` = uniformly random labels with the true number of classes (mean and 99th
 percentile over 200 draws); ``kmeans-rawpixels`` = k-means (k = the true number of classes, an
 advantage the methods do not get) on the crops as they are (no canonical pose), PCA 16.
-The methods choose k themselves (silhouette over 2..8; HDBSCAN density).
+The methods choose k themselves (silhouette over 2..8, then clusters one Gaussian explains merged,
+agent.discovery.merge_gaussian; HDBSCAN density); the silhouette-alone k and ARI are kept beside.
 """
 
 from __future__ import annotations
@@ -123,14 +124,21 @@ def main() -> None:
         if a.autoencoder:
             ae[name] = train_autoencoder(objs.grey, seed=0)
         print(f"\n## {name}")
-        print(f"  {'embedding':28s} {'method':14s} {'k':>3s} {'ARI':>7s} {'NMI':>6s} {'purity':>7s}")
+        print(f"  {'embedding':28s} {'method':14s} {'k':>3s} {'ARI':>7s} {'NMI':>6s} {'purity':>7s}   "
+              "(silhouette alone: k, ARI)")
         for e in embs:
             x = embed(objs, e, autoencoder=ae.get(name))
             for m in METHODS:
                 cl = cluster(x, m)
                 sc = cluster_scores(objs.labels, cl.labels)
-                res[name]["methods"][f"{e} / {m}"] = {**sc, "silhouette": cl.silhouette}
-                print(f"  {e:28s} {m:14s} {sc['k']:3d} {sc['ari']:+7.3f} {sc['nmi']:6.3f} {sc['purity']:7.3f}")
+                row = {**sc, "silhouette": cl.silhouette}
+                extra = ""
+                if cl.k_silhouette is not None:  # k by silhouette, then merged (agent.discovery.merge_gaussian)
+                    alone = cluster_scores(objs.labels, cluster(x, m, merge=False).labels)
+                    row |= {"k_silhouette": cl.k_silhouette, "ari_silhouette_alone": alone["ari"]}
+                    extra = f"   ({cl.k_silhouette}, {alone['ari']:+.3f})"
+                res[name]["methods"][f"{e} / {m}"] = row
+                print(f"  {e:28s} {m:14s} {sc['k']:3d} {sc['ari']:+7.3f} {sc['nmi']:6.3f} {sc['purity']:7.3f}{extra}")
     rank = {}
     for key in next(iter(res.values()))["methods"]:
         rank[key] = float(np.mean([res[s]["methods"][key]["ari"] for s in res]))
