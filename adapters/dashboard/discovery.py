@@ -12,6 +12,7 @@ thread keeps :attr:`DiscoveryJobs.state` and hands every change to ``notify`` (t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -34,10 +35,18 @@ log = logging.getLogger(__name__)
 
 #: Finished runs kept under ``discovery/`` (older ones are deleted when a run finishes).
 KEEP_RUNS = 5
-#: Newest frames of the chosen history range a run takes.
+#: Newest frames of the chosen history range (or newest scans of a folder) a run takes.
 MAX_FRAMES = 500
+_COUNT_CAP = 2000
 _RUN_RE = re.compile(r"^\d{8}T\d{6}(-\d{1,3})?$")
 _FILE_RE = re.compile(r"^(cluster_(\d+|noise)|medoid_\d+_\d+|contact_sheet)\.png$")
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _now() -> str:
@@ -96,7 +105,8 @@ class DiscoveryJobs:
     # ------------------------------------------------------------------ inputs
     def folders(self, limit: int = 200) -> list[dict[str, Any]]:
         """The acquisition roots and their sub-folders (two levels) that hold ``.sxm`` scans, with
-        the number of scans under each (searched recursively, as a run reads them)."""
+        the number of scans under each (searched recursively, as a run reads them; counting stops
+        at 2000, ``more`` = True)."""
         out = []
         for root in self.acq.folders:
             base = Path(root)
@@ -104,9 +114,9 @@ class DiscoveryJobs:
                 continue
             cands = [base] + sorted(p for p in base.glob("*/") if p.is_dir()) + sorted(p for p in base.glob("*/*/") if p.is_dir())
             for p in cands:
-                n = sum(1 for f in p.rglob("*.sxm") if f.is_file())
+                n = sum(1 for _ in itertools.islice((f for f in p.rglob("*.sxm") if f.is_file()), _COUNT_CAP))
                 if n:
-                    out.append({"folder": str(p), "scans": n, "root": root})
+                    out.append({"folder": str(p), "scans": n, "more": n == _COUNT_CAP, "root": root})
                 if len(out) >= limit:
                     return out
         return out
@@ -147,9 +157,11 @@ class DiscoveryJobs:
                     raise DataError(f"{folder}: no such folder", 422)
                 from stm_agent.agent.discovery_run import scan_paths
 
-                paths = [str(p) for p in scan_paths([real])]
+                found = scan_paths([real])
+                # the newest MAX_FRAMES (a run holds every crop in memory)
+                paths = [str(p) for p in sorted(found, key=_mtime)[-MAX_FRAMES:]]
                 roots = self.acq
-                what = {"source": "folder", "folder": str(f)}
+                what = {"source": "folder", "folder": str(f), "n_found": len(found)}
                 if not paths:
                     raise DataError(f"{folder}: no .sxm scan in this folder", 422)
             else:
@@ -223,6 +235,8 @@ class DiscoveryJobs:
             else:
                 self.state = {**self.state, "state": kind, "finished": _now(), **payload}
                 shutil.rmtree(out, ignore_errors=True)
+                if kind == "failed":
+                    log.warning("dashboard discovery run %s failed: %s", out.name, payload.get("error"))
         if kind == "done":
             self._prune()
         self.notify(self.public())

@@ -333,7 +333,7 @@ async function loadDiscoveryFolders() {
   const r = await api("/api/discovery/folders");
   const sel = $("disc-source");
   for (const o of [...sel.options]) if (o.value.startsWith("folder:")) o.remove();
-  for (const f of r.folders) sel.append(el("option", { value: "folder:" + f.folder, text: `folder ${f.folder} (${f.scans} scans)` }));
+  for (const f of r.folders) sel.append(el("option", { value: "folder:" + f.folder, text: `folder ${f.folder} (${f.scans}${f.more ? "+" : ""} scans)` }));
 }
 async function runDiscovery() {
   const [source, rest] = $("disc-source").value.split(/:(.*)/s);
@@ -353,7 +353,8 @@ function drawDiscovery(st) {
   status.className = "meta" + (st.state === "failed" ? " err" : "");
   status.title = "";
   window.stmDash.discovery.push(st.state === "running" ? st.stage : st.state);
-  const input = st.source === "folder" ? `folder ${st.folder}` : st.source === "frames" ? `${st.n_scans} recorded frames` : "";
+  const input = st.source === "folder" ? `folder ${st.folder}` + (st.n_found > st.n_scans ? ` (newest ${st.n_scans} of ${st.n_found} scans)` : "")
+    : st.source === "frames" ? `${st.n_scans} recorded frames` : "";
   if (running) {
     const stage = STAGES[st.stage] || st.stage;
     const per = (st.stage === "reading" || st.stage === "segmenting") && st.total ? ` ${st.done} / ${st.total}` : "";
