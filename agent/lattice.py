@@ -42,8 +42,15 @@ LATTICE_POWER_SHARE = 0.3
 LATTICE_MIN_PERIOD_PX = 4.0
 #: ... and at most 1/this of the frame's shorter side (several unit cells across).
 LATTICE_MIN_CELLS = 4.0
-#: Defects stand this many robust standard deviations out of the band-passed residual.
+#: Defects stand this many robust standard deviations out of the band-passed residual (at least).
 DEFECT_THRESHOLD = 3.0
+#: :func:`find_blobs`: the threshold lets about this many noise blobs through per frame.
+FALSE_BLOBS_PER_FRAME = 1.0
+#: :func:`detect_defects` without references (or without a size rule) searches defects from 0.5 x to
+#: 2 x the expected size (the molecule detector's bounds, :func:`agent.detect.detect_objects`); with
+#: references, from the smallest / ``match.size_tolerance`` to the largest x it: a defect outside
+#: that range is ruled out of every species by the size rule anyway.
+SIZE_RANGE = (0.5, 2.0)
 
 
 @dataclass
@@ -321,10 +328,13 @@ def find_defects(residual: np.ndarray, pixel_size_nm: tuple[float, float], scale
 
 def detect_defects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg, requested: str, reason: str,
                    reference_sizes_nm: list[float] | None = None, pixel_size_known: bool = True,
-                   evidence: LatticeEvidence | None = None):
+                   evidence: LatticeEvidence | None = None, size_tolerance: float | None = 1.5):
     """The lattice route of detection: :func:`remove_lattice`, then :func:`find_defects` of both
     polarities at the defect's scale.
 
+    Defects are scale-space blobs (:func:`find_blobs`) at the false-alarm threshold of about one
+    noise blob per frame (:func:`false_alarm_threshold`), searched within :data:`SIZE_RANGE` of the
+    scale, or with references within ``size_tolerance`` of their sizes.
     The scale (defect size) is ``segment.object_size_nm`` when set (and the pixel size is known), else
     the median size of the library's references (the user's examples: K shots), else the typical
     blob size of the lattice-free frame (Lindeberg scale selection,
@@ -362,11 +372,271 @@ def detect_defects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg, r
         f, valid = fill_nan(np.asarray(residual, np.float32))
         size_nm = max(estimate_object_size(f, (dx, dy), valid=valid), estimate_object_size(-f, (dx, dy), valid=valid))
         source = "auto: scale-space estimate on the lattice-free frame"
-    regions = find_defects(residual, (dx, dy), size_nm / dx, threshold=DEFECT_THRESHOLD)
+    if source.startswith("references"):  # the species' sizes within the size rule's tolerance
+        tol = size_tolerance if size_tolerance is not None else 1.0 / SIZE_RANGE[0]
+        lo, hi = min(reference_sizes_nm) / tol, max(reference_sizes_nm) * tol
+    else:
+        lo, hi = SIZE_RANGE[0] * size_nm, SIZE_RANGE[1] * size_nm
+    sig = scale_grid((lo / dx, hi / dx), residual.shape)
+    thr = false_alarm_threshold(residual.shape, sig[inner_scales(sig, (lo / dx, hi / dx))],
+                                int(np.isfinite(residual).sum()))
+    regions = find_blobs(residual, (dx, dy), (lo / dx, hi / dx), threshold=thr)
     rep = DetectionReport(method="lattice", requested=requested, reason=reason, object_size_nm=size_nm,
                           size_source=source, n_regions=len(regions),
                           extra={"lattice": {**ev.to_json(), "removed_peaks": len(info.peaks)},
-                                 "polarity": "both", "threshold_sigma": DEFECT_THRESHOLD})
+                                 "polarity": "both", "size_range_nm": [round(lo, 5), round(hi, 5)],
+                                 "threshold_sigma": round(thr, 2)})
     if not regions:
         rep.note = "no defect: nothing stands out of the lattice-free frame at the defect's scale"
     return regions, rep, residual
+
+
+#: Defect extent (box side) per scale-space sigma of its blob: 2 sqrt(2), the diameter of the
+#: scale-normalised LoG's blob convention (radius sqrt(2) sigma: Lindeberg 1998; skimage.feature.blob_log);
+#: for a Gaussian bump of standard deviation s (selected at sigma = sqrt(2) s) that is 4 s.
+EXTENT_PER_SIGMA = 2.0 * np.sqrt(2.0)
+#: Elongated extrema (scan-line streaks, step edges, the rim of a larger defect) are not point
+#: defects: principal-curvature ratio limit of SIFT (Lowe, IJCV 60, 91 (2004), r = 10).
+EDGE_RATIO = 10.0
+
+
+def _robust_sd(a: np.ndarray) -> float:
+    v = a.ravel()
+    if v.size > 1 << 18:
+        v = v[:: v.size >> 18]
+    med = float(np.median(v))
+    return 1.4826 * float(np.median(np.abs(v - med))) or float(v.std()) or 1.0
+
+
+#: The noise of a response is measured around each pixel, over this many blob sigmas (Gaussian
+#: window): scan-line noise and tip changes make it vary across a frame.
+NOISE_WINDOW_SIGMAS = 8.0
+
+
+def _local_z(stack: np.ndarray, sig: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Each scale's response in units of its local noise: the Gaussian-weighted RMS of the response
+    over :data:`NOISE_WINDOW_SIGMAS` blob sigmas, winsorised at 3 robust standard deviations of the
+    frame (a strong defect does not hide its neighbours) and floored at that standard deviation."""
+    out = np.empty_like(stack)
+    w = valid.astype(np.float32)
+    for k, (s, a) in enumerate(zip(sig, stack)):
+        sd = _robust_sd(a[valid]) if valid.any() else 1.0
+        ny, nx = a.shape
+        q = max(1, int(s * NOISE_WINDOW_SIGMAS // 16))  # the window's blur on a reduced frame
+        a2 = (np.minimum(a * a, (3.0 * sd) ** 2) * w).astype(np.float32)  # winsorised: defects do not raise it
+        if q > 1:
+            sm = lambda x: cv2.resize(x, (max(4, nx // q), max(4, ny // q)), interpolation=cv2.INTER_AREA)  # noqa: E731
+            num, den = sm(a2), sm(w)
+        else:
+            num, den = a2, w
+        sw = s * NOISE_WINDOW_SIGMAS * num.shape[1] / nx
+        num = cv2.GaussianBlur(num, (0, 0), sw, borderType=cv2.BORDER_REFLECT)
+        den = cv2.GaussianBlur(den, (0, 0), sw, borderType=cv2.BORDER_REFLECT)
+        rms = np.sqrt(num / np.maximum(den, 1e-6))
+        if q > 1:
+            rms = cv2.resize(rms, (nx, ny), interpolation=cv2.INTER_LINEAR)
+        out[k] = a / np.maximum(rms, sd)
+    return out
+
+
+def scale_grid(size_px: tuple[float, float], shape: tuple[int, int], per_octave: int = 4,
+               extent_per_sigma: float = EXTENT_PER_SIGMA) -> np.ndarray:
+    """The sigmas of :func:`blob_scale_space`: ``per_octave`` per octave from half an octave below the
+    smallest to half an octave above the largest extent (capped at a quarter of the frame)."""
+    lo = max(0.7, size_px[0] / extent_per_sigma / 2 ** 0.5)
+    hi = max(lo * 1.2, size_px[1] / extent_per_sigma * 2 ** 0.5)
+    hi = min(hi, max(lo * 1.2, min(shape) / (2 * extent_per_sigma)))
+    n = max(3, int(np.ceil(np.log2(hi / lo) * per_octave)) + 1)
+    return lo * (hi / lo) ** (np.arange(n) / (n - 1))
+
+
+def inner_scales(sig: np.ndarray, size_px: tuple[float, float], extent_per_sigma: float = EXTENT_PER_SIGMA) -> np.ndarray:
+    """Which sigmas of the grid give extents within ``size_px`` (at least the one closest to them)."""
+    inner = (sig * extent_per_sigma >= size_px[0] * 0.999) & (sig * extent_per_sigma <= size_px[1] * 1.001)
+    if not inner.any():
+        inner[np.argmin(np.abs(np.log(sig * extent_per_sigma / np.sqrt(size_px[0] * size_px[1]))))] = True
+    return inner
+    return inner
+
+
+def blob_scale_space(residual: np.ndarray, size_px: tuple[float, float], per_octave: int = 4,
+                     extent_per_sigma: float = EXTENT_PER_SIGMA):
+    """Scale-normalised Laplacian of Gaussian stack ``-sigma^2 nabla^2 (G_sigma * f)`` (Lindeberg 1998)
+    for blob extents ``size_px[0] .. size_px[1]`` (extent = :data:`EXTENT_PER_SIGMA` sigma), one
+    octave beyond each end so that the end scales can be local maxima.
+
+    Returns ``(sigmas float64 (S,), stack float32 (S, ny, nx), valid bool (ny, nx))``."""
+    r = np.asarray(residual, np.float64)
+    valid = np.isfinite(r)
+    f = np.where(valid, r, np.median(r[valid]) if valid.any() else 0.0).astype(np.float32)
+    sig = scale_grid(size_px, f.shape, per_octave, extent_per_sigma)
+    n = len(sig)
+    ny, nx = f.shape
+    stack = np.empty((n, ny, nx), np.float32)
+    for k, s in enumerate(sig):  # large scales on a reduced frame (pyramid): sigma <= 4 px there
+        q = max(1, int(s // 4))
+        g = f if q == 1 else cv2.resize(f, (max(4, nx // q), max(4, ny // q)), interpolation=cv2.INTER_AREA)
+        sq = s * g.shape[1] / nx
+        lap = -(sq ** 2) * cv2.Laplacian(cv2.GaussianBlur(g, (0, 0), sq, borderType=cv2.BORDER_REFLECT), cv2.CV_32F,
+                                         borderType=cv2.BORDER_REFLECT)
+        stack[k] = lap if q == 1 else cv2.resize(lap, (nx, ny), interpolation=cv2.INTER_LINEAR)
+    return sig, stack, valid
+
+
+def false_alarm_threshold(shape: tuple[int, int], sigmas: np.ndarray, n_valid: int | None = None,
+                          false_per_frame: float = FALSE_BLOBS_PER_FRAME, per_octave: int = 4) -> float:
+    """Response (in noise standard deviations) that pure noise exceeds at about ``false_per_frame``
+    blobs per frame: Bonferroni over the frame's independent blob positions, one per (2 sigma)^2
+    per octave of scale (``sigmas`` are sampled ``per_octave`` per octave) and polarity,
+    ``z = Phi^-1(1 - false_per_frame / N)`` (the logic of source detection in random fields, e.g.
+    Worsley et al., Hum. Brain Mapp. 4, 58 (1996)). Never below :data:`DEFECT_THRESHOLD`: larger
+    frames and finer scales hold more chances for noise."""
+    from scipy.special import ndtri
+
+    area = float(n_valid if n_valid is not None else shape[0] * shape[1])
+    n = 2.0 * float(np.sum(area / (2.0 * np.asarray(sigmas, np.float64)) ** 2)) / per_octave
+    if n <= false_per_frame:
+        return DEFECT_THRESHOLD
+    return max(DEFECT_THRESHOLD, float(ndtri(1.0 - false_per_frame / n)))
+
+
+def find_blobs(residual: np.ndarray, pixel_size_nm: tuple[float, float], size_px: tuple[float, float], *,
+               threshold: float | None = None, extent_per_sigma: float = EXTENT_PER_SIGMA,
+               edge_ratio: float | None = EDGE_RATIO) -> list[Region]:
+    """Defects of both polarities as scale-space blobs: local extrema of the scale-normalised LoG over
+    position and scale (Lindeberg, Int. J. Comput. Vis. 30, 79 (1998)), each with its own size.
+
+    A blob is a 3 x 3 x 3 extremum of the stack (:func:`blob_scale_space`) within the extents
+    ``size_px`` whose response stands ``threshold`` robust standard deviations (1.4826 MAD of that
+    scale's response) out; overlapping blobs (centres closer than the larger radius) keep the
+    strongest. Extrema elongated beyond the principal-curvature ratio ``edge_ratio`` of the
+    response's Hessian at the blob's scale are dropped (Lowe's edge test: streaks, step edges).
+    Its box is centred on it, ``extent_per_sigma`` x its sigma wide: unlike the component of a
+    thresholded frame, the size does not depend on the defect's contrast.
+
+    Parameters
+    ----------
+    residual : float ``(ny, nx)`` lattice-free frame (NaN = not acquired).
+    pixel_size_nm : (dx, dy) nm.
+    size_px : (smallest, largest) defect extent searched, pixels.
+    threshold : in local noise standard deviations; None = :func:`false_alarm_threshold` (about one
+        noise blob per frame).
+    extent_per_sigma : box side per blob sigma.
+
+    Returns
+    -------
+    list[Region] sorted top-to-bottom (contrast +1 / -1; contour = the box's inscribed circle).
+    """
+    sig, stack, valid = blob_scale_space(residual, size_px, extent_per_sigma=extent_per_sigma)
+    ny, nx = valid.shape
+    dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
+    inner = inner_scales(sig, size_px, extent_per_sigma)
+    z = _local_z(stack, sig, valid)
+    if threshold is None:
+        threshold = false_alarm_threshold(valid.shape, sig[inner], int(valid.sum()))
+    k3 = np.ones((3, 3), np.uint8)
+    found = []
+    for sign in (1, -1):
+        zz = sign * z
+        sp = np.stack([cv2.dilate(a, k3) for a in zz])  # spatial 3 x 3 maximum per scale
+        nb = sp.copy()
+        nb[1:] = np.maximum(nb[1:], sp[:-1])
+        nb[:-1] = np.maximum(nb[:-1], sp[1:])
+        peak = (zz >= nb) & (zz >= threshold) & inner[:, None, None] & valid[None]
+        ks, ys, xs = np.nonzero(peak)
+        if edge_ratio and len(ks):  # Lowe's edge test: tr(H)^2 / det(H) < (r + 1)^2 / r at the blob's scale
+            keep = np.zeros(len(ks), bool)
+            for k in np.unique(ks):
+                sel = ks == k
+                h = sign * stack[k]
+                yy, xx = ys[sel], xs[sel]
+                st = max(1, int(round(sig[k] / 2)))  # finite differences at the blob's scale
+                y0, y1 = np.clip(yy - st, 0, ny - 1), np.clip(yy + st, 0, ny - 1)
+                x0, x1 = np.clip(xx - st, 0, nx - 1), np.clip(xx + st, 0, nx - 1)
+                c = h[yy, xx]
+                dxx = h[yy, x1] + h[yy, x0] - 2 * c
+                dyy = h[y1, xx] + h[y0, xx] - 2 * c
+                dxy = (h[y1, x1] - h[y1, x0] - h[y0, x1] + h[y0, x0]) / 4.0
+                tr, det = dxx + dyy, dxx * dyy - dxy ** 2
+                keep[sel] = (det > 0) & (tr ** 2 < det * (edge_ratio + 1) ** 2 / edge_ratio)
+            ks, ys, xs = ks[keep], ys[keep], xs[keep]
+        found += list(zip(zz[ks, ys, xs].tolist(), xs.astype(float).tolist(), ys.astype(float).tolist(),
+                          (sig[ks] * extent_per_sigma).tolist(), [sign] * len(ks)))
+    found.sort(key=lambda t: -t[0])
+    kept: list[tuple] = []
+    if found:  # non-maximum suppression, strongest first (k-d tree of the centres)
+        from scipy.spatial import cKDTree
+
+        c = np.array([(t[1], t[2]) for t in found])
+        ext = np.array([t[3] for t in found])
+        tree = cKDTree(c)
+        alive = np.ones(len(found), bool)
+        for i in range(len(found)):
+            if not alive[i]:
+                continue
+            kept.append(found[i])
+            nb = np.asarray(tree.query_ball_point(c[i], 0.5 * ext.max()), int)
+            d = np.hypot(c[nb, 0] - c[i, 0], c[nb, 1] - c[i, 1])
+            alive[nb[d < 0.5 * np.maximum(ext[nb], ext[i])]] = False
+    grown_nan = cv2.dilate((~valid).astype(np.uint8), k3).astype(bool)
+    out: list[Region] = []
+    for label, (_, x, y, e, sign) in enumerate(kept, start=1):
+        x0, y0 = int(round(x - e / 2)), int(round(y - e / 2))
+        w = h = max(2, int(round(e)))
+        edge = x0 < 0 or y0 < 0 or x0 + w > nx or y0 + h > ny or bool(
+            grown_nan[max(0, y0):y0 + h, max(0, x0):x0 + w].any())
+        t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+        contour = np.column_stack([x + e / 2 * np.cos(t), y + e / 2 * np.sin(t)]).round().astype(np.int32)
+        out.append(Region(label=label, bbox_px=(x0, y0, w, h), centroid_px=(x, y),
+                          area_px=int(round(np.pi * e * e / 4)), area_nm2=float(np.pi * e * e / 4 * dx * dy),
+                          extent_nm=float(e * np.sqrt(dx * dy)), touches_edge=edge, contour=contour, contrast=sign))
+    out.sort(key=lambda g: (g.centroid_px[1], g.centroid_px[0]))
+    return out
+
+
+def blob_sigma_at(residual: np.ndarray, centres_px: np.ndarray, size_px) -> tuple[np.ndarray, np.ndarray]:
+    """Scale-space sigma and polarity of the blob at each given centre (e.g. a labelled example):
+    the scale and sign of the largest ``|response|`` (:func:`blob_scale_space`, in local noise
+    units) within 2 px of it, over extents ``size_px``: one ``(smallest, largest)`` pair for all, or
+    float ``(N, 2)`` one per centre (each computed on a patch around its centre).
+
+    Returns ``(sigma float64 (N,), sign int (N,))``."""
+    r = np.asarray(residual, np.float64)
+    c = np.asarray(centres_px, np.float64).reshape(-1, 2)
+    rng = np.broadcast_to(np.asarray(size_px, np.float64).reshape(-1, 2), (len(c), 2))
+    ny, nx = r.shape
+    out_s, out_c = np.zeros(len(c)), np.zeros(len(c), int)
+    for i, ((x, y), (lo, hi)) in enumerate(zip(c, rng)):
+        m = int(np.ceil(3 * hi)) + 4
+        x0, y0 = int(max(0, round(x) - m)), int(max(0, round(y) - m))
+        patch = r[y0:int(min(ny, round(y) + m + 1)), x0:int(min(nx, round(x) + m + 1))]
+        if min(patch.shape) < 5:
+            continue
+        sig, stack, valid = blob_scale_space(patch, (lo, hi))
+        z = _local_z(stack, sig, valid)
+        xi, yi = int(np.clip(round(x) - x0, 0, patch.shape[1] - 1)), int(np.clip(round(y) - y0, 0, patch.shape[0] - 1))
+        win = z[:, max(0, yi - 2):yi + 3, max(0, xi - 2):xi + 3].reshape(len(sig), -1)
+        top, bot = win.max(axis=1), win.min(axis=1)
+        if top.max() >= -bot.min():
+            out_s[i], out_c[i] = sig[int(top.argmax())], 1
+        else:
+            out_s[i], out_c[i] = sig[int(bot.argmin())], -1
+    return out_s, out_c
+
+
+def blob_region_at(residual: np.ndarray, pixel_size_nm: tuple[float, float], x: float, y: float,
+                   size_px: tuple[float, float]) -> Region:
+    """The defect at a picked point, whatever its strength (a user's click names a defect): the
+    scale-space blob of :func:`blob_sigma_at` there, as a :class:`Region` centred on the point,
+    :data:`EXTENT_PER_SIGMA` x its sigma wide."""
+    sig, sign = blob_sigma_at(residual, np.array([[x, y]]), size_px)
+    e = max(2.0, float(sig[0]) * EXTENT_PER_SIGMA)
+    dx, dy = float(pixel_size_nm[0]), float(pixel_size_nm[1])
+    ny, nx = np.shape(residual)
+    x0, y0, w = int(round(x - e / 2)), int(round(y - e / 2)), max(2, int(round(e)))
+    t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    contour = np.column_stack([x + e / 2 * np.cos(t), y + e / 2 * np.sin(t)]).round().astype(np.int32)
+    return Region(label=1, bbox_px=(x0, y0, w, w), centroid_px=(float(x), float(y)), area_px=int(round(np.pi * e * e / 4)),
+                  area_nm2=float(np.pi * e * e / 4 * dx * dy), extent_nm=float(e * np.sqrt(dx * dy)),
+                  touches_edge=x0 < 0 or y0 < 0 or x0 + w > nx or y0 + w > ny, contour=contour,
+                  contrast=int(sign[0]) or 1)

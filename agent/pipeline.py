@@ -139,14 +139,14 @@ def find_objects(image: np.ndarray, pixel_size_nm: tuple[float, float], cfg: Age
     method = cfg.segment.method
     if method == "lattice":
         return detect_defects(image, pixel_size_nm, cfg.segment, method, "configured", defect_sizes_nm,
-                              pixel_size_known)
+                              pixel_size_known, size_tolerance=cfg.match.size_tolerance)
     if method == "auto" and defect_sizes_nm:
         ev = lattice_evidence(image)
         if ev.resolved:
             why = (f"resolved lattice ({ev.power_share:.0%} of the power in Bragg reflections, "
                    f"{ev.n_directions} directions) and lattice-defect references: lattice removal + defects")
             return detect_defects(image, pixel_size_nm, cfg.segment, method, why, defect_sizes_nm,
-                                  pixel_size_known, ev)
+                                  pixel_size_known, ev, cfg.match.size_tolerance)
         regions, report = detect_objects(image, pixel_size_nm, cfg.segment, reference_extents_nm,
                                          pixel_size_known=pixel_size_known, templates=templates)
         report.extra["lattice"] = ev.to_json()
@@ -218,9 +218,16 @@ def reference_crop_at(
     else:
         raise ValueError(f"units must be 'nm' or 'px', got {units!r}")
     dx, dy = scan.pixel_size_nm
-    if not regions:
-        raise NoObjectError(f"{scan.source}: no object segmented in the frame (picked {x}, {y} {units})")
     inside = [r for r in regions if r.contains(px, py)]
+    if d.residual is not None and not inside:  # a lattice defect too faint for detection: the click names it
+        from stm_agent.agent.lattice import blob_region_at
+
+        lo, hi = d.report.extra["size_range_nm"]
+        if not (0 <= px < image.shape[1] and 0 <= py < image.shape[0]):
+            raise NoObjectError(f"{scan.source}: ({x}, {y}) {units} is outside the frame")
+        inside = [blob_region_at(d.residual, (dx, dy), px, py, (lo / dx, hi / dx))]
+    if not regions and not inside:
+        raise NoObjectError(f"{scan.source}: no object segmented in the frame (picked {x}, {y} {units})")
     if inside:
         reg = inside[0]
     else:
