@@ -502,7 +502,7 @@ def false_alarm_threshold(shape: tuple[int, int], sigmas: np.ndarray, n_valid: i
 
 def find_blobs(residual: np.ndarray, pixel_size_nm: tuple[float, float], size_px: tuple[float, float], *,
                threshold: float | None = None, extent_per_sigma: float = EXTENT_PER_SIGMA,
-               edge_ratio: float | None = EDGE_RATIO) -> list[Region]:
+               edge_ratio: float | None = EDGE_RATIO, return_z: bool = False):
     """Defects of both polarities as scale-space blobs: local extrema of the scale-normalised LoG over
     position and scale (Lindeberg, Int. J. Comput. Vis. 30, 79 (1998)), each with its own size.
 
@@ -580,7 +580,9 @@ def find_blobs(residual: np.ndarray, pixel_size_nm: tuple[float, float], size_px
             alive[nb[d < 0.5 * np.maximum(ext[nb], ext[i])]] = False
     grown_nan = cv2.dilate((~valid).astype(np.uint8), k3).astype(bool)
     out: list[Region] = []
-    for label, (_, x, y, e, sign) in enumerate(kept, start=1):
+    zs = []
+    for label, (zv, x, y, e, sign) in enumerate(kept, start=1):
+        zs.append(zv)
         x0, y0 = int(round(x - e / 2)), int(round(y - e / 2))
         w = h = max(2, int(round(e)))
         edge = x0 < 0 or y0 < 0 or x0 + w > nx or y0 + h > ny or bool(
@@ -590,19 +592,21 @@ def find_blobs(residual: np.ndarray, pixel_size_nm: tuple[float, float], size_px
         out.append(Region(label=label, bbox_px=(x0, y0, w, h), centroid_px=(x, y),
                           area_px=int(round(np.pi * e * e / 4)), area_nm2=float(np.pi * e * e / 4 * dx * dy),
                           extent_nm=float(e * np.sqrt(dx * dy)), touches_edge=edge, contour=contour, contrast=sign))
-    out.sort(key=lambda g: (g.centroid_px[1], g.centroid_px[0]))
-    return out
+    order = sorted(range(len(out)), key=lambda i: (out[i].centroid_px[1], out[i].centroid_px[0]))
+    out = [out[i] for i in order]
+    return (out, np.array([zs[i] for i in order])) if return_z else out
 
 
-def blob_sigma_at(residual: np.ndarray, centres_px: np.ndarray, size_px) -> tuple[np.ndarray, np.ndarray]:
+def blob_sigma_at(residual: np.ndarray, centres_px: np.ndarray, size_px, return_z: bool = False):
     """Scale-space sigma and polarity of the blob at each given centre (e.g. a labelled example):
     the scale and sign of the largest ``|response|`` (:func:`blob_scale_space`, in local noise
     units) within 2 px of it, over extents ``size_px``: one ``(smallest, largest)`` pair for all, or
     float ``(N, 2)`` one per centre (each computed on a patch around its centre).
 
-    Returns ``(sigma float64 (N,), sign int (N,))``."""
+    Returns ``(sigma float64 (N,), sign int (N,))`` (+ ``|z|`` float64 ``(N,)`` with ``return_z``)."""
     r = np.asarray(residual, np.float64)
     c = np.asarray(centres_px, np.float64).reshape(-1, 2)
+    out_z = np.zeros(len(c))
     rng = np.broadcast_to(np.asarray(size_px, np.float64).reshape(-1, 2), (len(c), 2))
     ny, nx = r.shape
     out_s, out_c = np.zeros(len(c)), np.zeros(len(c), int)
@@ -618,10 +622,10 @@ def blob_sigma_at(residual: np.ndarray, centres_px: np.ndarray, size_px) -> tupl
         win = z[:, max(0, yi - 2):yi + 3, max(0, xi - 2):xi + 3].reshape(len(sig), -1)
         top, bot = win.max(axis=1), win.min(axis=1)
         if top.max() >= -bot.min():
-            out_s[i], out_c[i] = sig[int(top.argmax())], 1
+            out_s[i], out_c[i], out_z[i] = sig[int(top.argmax())], 1, top.max()
         else:
-            out_s[i], out_c[i] = sig[int(bot.argmin())], -1
-    return out_s, out_c
+            out_s[i], out_c[i], out_z[i] = sig[int(bot.argmin())], -1, -bot.min()
+    return (out_s, out_c, out_z) if return_z else (out_s, out_c)
 
 
 def blob_region_at(residual: np.ndarray, pixel_size_nm: tuple[float, float], x: float, y: float,

@@ -28,7 +28,9 @@ Variants: ``nm`` = the 15 SL445 images that carry ``pixel_size_nm`` (sizes and w
 ``px (same 15)`` = those images with sizes in pixels; ``px (all 27)`` = every image in pixels (the
 other 12 carry no pixel size). Environment switches (for the comparisons in docs/lattice.md):
 FEWSHOT_AGENT=0 (one SimpleShot session over the set, argmax + rules), FEWSHOT_THRESHOLD=a cosine
-(``match.threshold`` fixed), FEWSHOT_BOX=sigma (box = blob sigma x the class's box/sigma).
+(``match.threshold`` fixed), FEWSHOT_BOX=sigma (box = blob sigma x the class's box/sigma),
+FEWSHOT_EXAMPLE_THRESHOLD=1 (detection threshold lowered to each species' weakest example, for
+blobs of its polarity and sizes).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ from stm_agent.agent.fewshot import (REFERENCE_CROP_FACTOR, DefectFeatures, Defe
                                      defect_features, physical_rules, robust_stats)
 from stm_agent.agent.flatten import fill_nan
 from stm_agent.agent.flatten import flatten
-from stm_agent.agent.lattice import blob_sigma_at, find_blobs, remove_lattice
+from stm_agent.agent.lattice import (blob_sigma_at, false_alarm_threshold, find_blobs, inner_scales, remove_lattice,
+                                     scale_grid)
 
 LAB = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "labelled" / "wse2_defects"
 WINDOW_FACTOR = 2.0
@@ -61,6 +64,8 @@ BOX = os.environ.get("FEWSHOT_BOX", "class")
 #: end-to-end classification: the agent's (per frame, references cut from the frames, conformal
 #: background threshold) or one SimpleShot session over the whole set (argmax + rules)
 AGENT = os.environ.get("FEWSHOT_AGENT", "1") == "1"
+#: detection threshold lowered to the weakest example of a species, for that species' polarity and sizes
+EXAMPLE_THRESHOLD = os.environ.get("FEWSHOT_EXAMPLE_THRESHOLD", "0") == "1"
 THRESHOLD = os.environ.get("FEWSHOT_THRESHOLD", "auto")
 THRESHOLD = THRESHOLD if THRESHOLD == "auto" else float(THRESHOLD)
 SIZE_TOLERANCE = 1.5
@@ -127,6 +132,20 @@ def run(images, classes, k: int, seed: int, cache: dict, use_reject: bool = Fals
             side = b[:, 2:].mean(axis=1)  # the strongest extremum at 0.5-2x the box's size (a bright core beats its dark halo)
             im["sign"] = blob_sigma_at(im["resid"], b[:, :2] + b[:, 2:] / 2, np.column_stack([0.5 * side, 2.0 * side]))[1]
     ex_lab = [images[i]["labels"][j] for i, j in support]
+    # how faint the examples are: a species whose examples stand less out than the false-alarm
+    # threshold lowers it, for blobs of its polarity and size only
+    ex_z = []
+    for (i, j) in support:
+        b = np.asarray(images[i]["boxes"][j], np.float64)
+        side = b[2:].mean()
+        ex_z.append(float(blob_sigma_at(images[i]["resid"], (b[:2] + b[2:] / 2)[None], (0.5 * side, 2.0 * side), return_z=True)[2][0]))
+    weak_rules = []
+    for c in eligible:
+        idx = [n for n, o in enumerate(support) if images[o[0]]["labels"][o[1]] == c]
+        sg = {int(images[support[n][0]]["sign"][support[n][1]]) for n in idx}
+        szs = [ex_size[support[n]] for n in idx]
+        for s_ in sg:
+            weak_rules.append((max(3.0, min(ex_z[n] for n in idx)), s_, min(szs) / SIZE_TOLERANCE, max(szs) * SIZE_TOLERANCE))
     ex_sizes = [ex_size[o] for o in support]
     ex_sign = [int(images[i]["sign"][j]) for i, j in support]
 
@@ -161,9 +180,23 @@ def run(images, classes, k: int, seed: int, cache: dict, use_reject: bool = Fals
     for i, im in enumerate(images):
         key = (i, round(lo, 4), round(hi, 4), round(k_all, 3))
         if key not in cache:
-            cache[key] = find_blobs(im["resid"], im["ps"], (lo / im["ps"][0], hi / im["ps"][0]),
-                                    threshold=None, extent_per_sigma=k_all)
-        regs = [r for r in cache[key] if not r.touches_edge]
+            rng_px = (lo / im["ps"][0], hi / im["ps"][0])
+            if EXAMPLE_THRESHOLD:  # candidates down to the weakest example, kept by the rule below
+                cache[key] = find_blobs(im["resid"], im["ps"], rng_px, threshold=max(3.0, min(ex_z)),
+                                        extent_per_sigma=k_all, return_z=True)
+            else:
+                cache[key] = (find_blobs(im["resid"], im["ps"], rng_px, threshold=None, extent_per_sigma=k_all), None)
+        regs_all, z_all = cache[key]
+        if EXAMPLE_THRESHOLD:
+            fa = false_alarm_threshold(im["resid"].shape, (lambda g: g[inner_scales(g, rng_px, k_all)])(
+                scale_grid(rng_px, im["resid"].shape, extent_per_sigma=k_all)), int(np.isfinite(im["resid"]).sum()))
+            keep = []
+            for g, zv in zip(regs_all, z_all):
+                ok = zv >= fa or any(zv >= t and g.contrast == sg and lo_s <= g.bbox_px[2] * im["ps"][0] <= hi_s
+                                     for t, sg, lo_s, hi_s in weak_rules)
+                keep.append(ok)
+            regs_all = [g for g, k_ in zip(regs_all, keep) if k_]
+        regs = [r for r in regs_all if not r.touches_edge]
         if regs:
             det_f.append(feats(i, _boxes_of(regs)[0]))
             det_regs.append((i, regs))
