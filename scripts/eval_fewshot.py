@@ -81,7 +81,7 @@ def load(variant: str):
         if variant != "px (all 27)" and not p:
             continue
         ps = (float(p[0]), float(p[1])) if (variant == "nm") else (1.0, 1.0)
-        g = flatten(read_grey(im.path), plane=True, rows="none")
+        g = flatten(read_grey(im.path), plane=True, rows=os.environ.get("FEWSHOT_ROWS", "median"))
         resid, info = remove_lattice(g)
         out.append({"name": im.path.name, "image": g, "resid": resid, "lattice": info, "ps": ps,
                     "boxes": im.boxes, "labels": im.labels})
