@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import zmq
 
-from stm_agent.adapters.zmq_io import SCHEMA
+from stm_agent.adapters.zmq_io import SCHEMA, curve_authenticator, curve_client_keys, load_curve_secret
 from stm_agent.agent.jsonsafe import jsonable
 from stm_agent.agent.errors import PublishError
 
@@ -76,6 +76,16 @@ class QueryServer:
         Put in every reply (with ``schema``).
     context : zmq.Context, optional
         Defaults to ``zmq.Context.instance()``.
+    curve_secret_file, curve_clients_dir : path, optional
+        As :class:`adapters.zmq_io.Publisher` (``publish.curve_secret_file`` /
+        ``publish.curve_clients_dir``): answer only CURVE clients that pin the agent's key, and
+        with a clients folder only those whose certificate is listed. The agent gives the query
+        socket the same keys as its publisher: the frames it publishes are never answered in clear.
+
+    Raises
+    ------
+    PublishError
+        A CURVE certificate or client folder cannot be read.
 
     Notes
     -----
@@ -83,7 +93,12 @@ class QueryServer:
     """
 
     def __init__(self, endpoint: str, handler: Handler, agent_id: str = "stm-agent",
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve_secret_file: Any = None, curve_clients_dir: Any = None):
+        self._curve = load_curve_secret(curve_secret_file) if curve_secret_file is not None else None
+        if curve_clients_dir is not None:
+            if self._curve is None:
+                raise PublishError(endpoint, "publish.curve_clients_dir needs publish.curve_secret_file")
+            curve_authenticator(context or zmq.Context.instance(), curve_clients_dir)
         self.requested_endpoint = endpoint
         self.endpoint: str = endpoint
         self.handler = handler
@@ -114,6 +129,9 @@ class QueryServer:
         sock = self._ctx.socket(zmq.REP)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        if self._curve is not None:
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = self._curve
         try:
             sock.bind(self.requested_endpoint)
         except zmq.ZMQError as exc:
@@ -290,7 +308,8 @@ def since_body(store: Any, frame_seq: int) -> dict[str, Any]:
     return {"frames": frames, "more": len(rows) > SINCE_LIMIT, "last_frame_seq": store.last_frame_seq()}
 
 
-def query(endpoint: str, request: str, timeout_ms: int = 2000, context: zmq.Context | None = None) -> dict[str, Any]:
+def query(endpoint: str, request: str, timeout_ms: int = 2000, context: zmq.Context | None = None,
+          curve_server_key: str | None = None, curve_secret_file: Any = None) -> dict[str, Any]:
     """Send one request to an agent's query endpoint and return its JSON reply.
 
     Parameters
@@ -302,6 +321,11 @@ def query(endpoint: str, request: str, timeout_ms: int = 2000, context: zmq.Cont
     timeout_ms : int
         How long to wait for the answer, ms.
     context : zmq.Context, optional
+    curve_server_key : str, optional
+        The agent's CURVE public key (Z85) when it serves with ``publish.curve_secret_file``.
+    curve_secret_file : path, optional
+        With ``curve_server_key``: this client's own ``zmq.auth`` secret certificate (needed when
+        the agent admits listed clients only); without it an ephemeral key pair is used.
 
     Returns
     -------
@@ -311,12 +335,20 @@ def query(endpoint: str, request: str, timeout_ms: int = 2000, context: zmq.Cont
     Raises
     ------
     PublishError
-        No answer within ``timeout_ms`` (no agent there), malformed endpoint, or a reply that is
-        not a JSON object.
+        No answer within ``timeout_ms`` (no agent there, or a CURVE agent that does not admit this
+        client), malformed endpoint or CURVE key, or a reply that is not a JSON object.
     """
+    keys = None
+    if curve_server_key:
+        server, public, secret = curve_client_keys(curve_server_key)
+        if curve_secret_file is not None:
+            public, secret = load_curve_secret(curve_secret_file)
+        keys = (server, public, secret)
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = keys
     try:
         try:
             sock.connect(endpoint)
@@ -324,8 +356,10 @@ def query(endpoint: str, request: str, timeout_ms: int = 2000, context: zmq.Cont
             raise PublishError(endpoint, f"cannot connect the ZeroMQ query (REQ) socket ({exc})") from exc
         sock.send(request.encode("utf-8"))
         if not sock.poll(max(int(timeout_ms), 0), zmq.POLLIN):
+            hint = ("; with CURVE, is this client's certificate in the agent's publish.curve_clients_dir?"
+                    if keys is not None else "")
             raise PublishError(endpoint, f"no answer within {int(timeout_ms)} ms (is the agent running and "
-                                         "publish.query_endpoint set?)")
+                                         f"publish.query_endpoint set?{hint})")
         data = sock.recv()
     finally:
         sock.close(linger=0)
@@ -355,6 +389,8 @@ class GapFiller:
     timeout_ms : int
         Per query.
     context : zmq.Context, optional
+    curve_server_key, curve_secret_file : optional
+        As :func:`query` (an agent serving with CURVE).
 
     Attributes
     ----------
@@ -364,8 +400,10 @@ class GapFiller:
         Frames fetched to fill gaps; frames known to be missing that could not be fetched.
     """
 
-    def __init__(self, query_endpoint: str | None, timeout_ms: int = 2000, context: zmq.Context | None = None):
+    def __init__(self, query_endpoint: str | None, timeout_ms: int = 2000, context: zmq.Context | None = None,
+                 curve_server_key: str | None = None, curve_secret_file: Any = None):
         self.query_endpoint = query_endpoint
+        self._curve = {"curve_server_key": curve_server_key, "curve_secret_file": curve_secret_file}
         self.timeout_ms = int(timeout_ms)
         self._ctx = context
         self.last: int | None = None
@@ -395,7 +433,7 @@ class GapFiller:
             return out
         while upto is None or self.last < upto:
             try:
-                reply = query(self.query_endpoint, f"since {self.last}", self.timeout_ms, self._ctx)
+                reply = query(self.query_endpoint, f"since {self.last}", self.timeout_ms, self._ctx, **self._curve)
             except PublishError as exc:
                 log.warning("cannot fill the frame_seq gap after %d: %s", self.last, exc)
                 break

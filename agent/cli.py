@@ -475,7 +475,8 @@ def listen(
                          curve_secret_file=client_cert)
     except StmAgentError as e:
         fail(e)
-    gaps = GapFiller(None if (query_endpoint or "").lower() in ("", "none") else query_endpoint)
+    gaps = GapFiller(None if (query_endpoint or "").lower() in ("", "none") else query_endpoint,
+                     curve_server_key=server_key, curve_secret_file=client_cert)
     err_console.print(f"[dim]listening on {esc(endpoint)} for frame.counts (Ctrl-C stops) ...[/]", soft_wrap=True)
     seen = 0
     last = time.monotonic()

@@ -177,9 +177,16 @@ def status(
                                            "(default: publish.query_endpoint of the config)."),
     timeout: float = typer.Option(2.0, "--timeout", help="Seconds to wait for the agent's answer."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    client_cert: Optional[Path] = typer.Option(None, "--client-cert", help="This client's zmq.auth secret "
+                                               "certificate, when the agent serves with CURVE and admits listed "
+                                               "clients only (publish.curve_clients_dir)."),
 ) -> None:
-    """Show how the running agent is doing; without an agent, what its results store says."""
+    """Show how the running agent is doing; without an agent, what its results store says.
+
+    An agent that publishes with CURVE (publish.curve_secret_file) answers its query endpoint with
+    CURVE too: its public key is read from that certificate."""
     from stm_agent.adapters.query import query
+    from stm_agent.adapters.zmq_io import load_curve_secret
     from stm_agent.agent.errors import PublishError
 
     cfg = _load(config)
@@ -192,7 +199,10 @@ def status(
         why = f"{ep} has no fixed port; give --endpoint"
     else:
         try:
-            reply = query(ep, "status", timeout_ms=int(timeout * 1000))
+            key = (load_curve_secret(cfg.publish.curve_secret_file)[0].decode("ascii")
+                   if cfg.publish.curve_secret_file else None)
+            reply = query(ep, "status", timeout_ms=int(timeout * 1000), curve_server_key=key,
+                          curve_secret_file=client_cert)
         except PublishError as e:
             why = e.reason
         else:

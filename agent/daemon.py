@@ -795,7 +795,9 @@ class Agent:
         if p.query_endpoint:
             from stm_agent.adapters.query import QueryServer
 
-            self.query_server = QueryServer(p.query_endpoint, self._query, agent_id=self.cfg.agent_id)
+            self.query_server = QueryServer(p.query_endpoint, self._query, agent_id=self.cfg.agent_id,
+                                            curve_secret_file=p.curve_secret_file,
+                                            curve_clients_dir=p.curve_clients_dir)
             self.query_server.start()
         if self.cfg.metrics.enabled:
             from stm_agent.adapters.prometheus import AgentMetrics

@@ -664,6 +664,20 @@ def test_publisher_with_curve_admits_only_listed_subscribers(tmp_path, refs):
             for _ in range(10):  # ten more heartbeat periods (0.2 s): the listed one keeps getting them
                 assert ok.recv(timeout_ms=2000) is not None
             assert stranger.recv(timeout_ms=0) is None and plain.recv(timeout_ms=0) is None
+        # the query endpoint serves with the same keys: the listed client is answered, a stranger and
+        # a plain client are not (no frame is ever answered in clear)
+        from stm_agent.adapters.query import query
+
+        qep = cfg.publish.query_endpoint
+        assert "status" in query(qep, "status", 10000, curve_server_key=server_key, curve_secret_file=listed_secret)
+        for kw in ({}, {"curve_server_key": server_key, "curve_secret_file": stranger_secret}):
+            with pytest.raises(PublishError, match="no answer"):
+                query(qep, "latest", 500, **kw)
+        # `stm-agent status` reads the agent's key from its config; a listed client certificate gets in
+        st = subprocess.run([sys.executable, "-m", "stm_agent.agent.cli", "status", "--config", str(proc.cfg_path),
+                             "--client-cert", str(listed_secret), "--json", "--timeout", "10"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+        assert st.returncode == 0 and json.loads(st.stdout)["agent"]["status"], st.stdout + st.stderr
     finally:
         assert proc.signal(signal.SIGTERM) == 0, proc.log()
     out = subprocess.run([sys.executable, "-m", "stm_agent.agent.cli", "listen", "--endpoint", ep,
