@@ -22,7 +22,8 @@ reported: the threshold of each image, mirrored poses on/off, the encoder for `a
 reference per class drawn at random at its labelled box per seed (never scored); figures = mean ±
 std over the draws. Rendered images have no physical size (1 "nm" per pixel) unless their COCO entry
 gives `pixel_size_nm` (wse2_defects). Default decision = `match.threshold: auto` (conformal
-threshold of each image's background windows, `match.alpha` 0.05) + the distance-ratio test
+threshold of each image's background windows, or of windows centred between its objects where a
+dense layer leaves fewer than 19 background windows, `match.alpha` 0.05) + the distance-ratio test
 (`match.ratio`) + the size gate where the pixel size is known; `unimr-as-released` = the released
 GUI (its own Otsu/`THRESH_BINARY_INV`/`RETR_TREE` segmentation, bounding-box crops, no mirror,
 threshold 0.9). Argmax = every object given its best species (no threshold, no ratio test). Best t =
