@@ -43,7 +43,7 @@ import numpy as np
 from stm_agent.adapters.files import write_new
 from stm_agent.agent import descriptors as D
 from stm_agent.agent.config import NormaliseConfig
-from stm_agent.agent.errors import ReferenceLibraryError
+from stm_agent.agent.errors import DuplicateReferenceError, ReferenceLibraryError
 from stm_agent.agent.match import RefEmbeddings
 from stm_agent.agent.references import (CHIRAL_BELOW, PAIR_TOLERANCE, Reference, crop_descriptor_record, embed_references,
                                         object_extent_nm, reference_grey, window_nm)
@@ -150,6 +150,9 @@ class ReferenceLibrary:
         ------
         ReferenceLibraryError
             Invalid species name, crop not 2-D/finite or too small, bad pixel size.
+        DuplicateReferenceError
+            The same crop (same sha256) is already a reference, of this species or another: a
+            duplicate would weigh one object twice, and one object cannot be two species.
         """
         if not _SPECIES_RE.match(species) or species.lower() == "other":
             raise ReferenceLibraryError(
@@ -167,9 +170,14 @@ class ReferenceLibrary:
         prov["shape_px"] = [int(c.shape[1]), int(c.shape[0])]
         prov.setdefault("extent_nm", 0.5 * min(c.shape[1] * dx, c.shape[0] * dy))
         prov["species"] = species
+        digest = hashlib.sha256(c.tobytes()).hexdigest()[:10]
+        have = self.holds(c)
+        if have is not None:
+            raise DuplicateReferenceError(f"{self.folder}: this object is already reference {have}; nothing added"
+                                          + ("" if have.split("/")[0] == species else
+                                             f" (remove it first to make it a reference of {species})"))
         d = self.folder / species
         d.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(c.tobytes()).hexdigest()[:10]
         stem = f"ref_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}_{digest}"
         npy = d / f"{stem}.npy"
         np.save(npy, c)
@@ -180,6 +188,14 @@ class ReferenceLibrary:
         return npy
 
     # ------------------------------------------------------------------ reading
+    def holds(self, crop: np.ndarray) -> str | None:
+        """``"species/ref_id"`` of the reference whose crop is ``crop`` (float32 bytes, sha256), or None."""
+        if not self.folder.is_dir():
+            return None
+        digest = hashlib.sha256(np.asarray(crop, dtype=np.float32).tobytes()).hexdigest()[:10]
+        same = sorted(self.folder.glob(f"*/ref_*_{digest}.npy"))
+        return f"{same[0].parent.name}/{same[0].stem}" if same else None
+
     def species(self) -> list[str]:
         """Sorted species names that hold at least one reference."""
         return sorted({e.species for e in self.entries(require=False)})

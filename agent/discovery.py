@@ -59,6 +59,8 @@ METHODS = ("kmeans", "agglomerative", "hdbscan")
 DEFAULT_EMBEDDING = "pixels"
 DEFAULT_METHOD = "kmeans"
 CANON_PX = 24
+#: crops posed at once by :func:`canonical_pixels` (about 130 MB of poses at the defaults)
+CANON_CHUNK = 2048
 
 
 @dataclass
@@ -233,29 +235,41 @@ def canonical_pixels(grey: np.ndarray, size: int = CANON_PX, mean_grey: float = 
     """
     g = np.asarray(grey, np.float32)
     n, s, _ = g.shape
-    small = np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_AREA) for c in g]) if s != size else g
     yy, xx = np.mgrid[:size, :size].astype(np.float32) - (size - 1) / 2.0
     disc = (xx ** 2 + yy ** 2) <= (size / 2.0) ** 2
     centre = ((size - 1) / 2.0, (size - 1) / 2.0)
-    poses = np.empty((n, steps, size, size), np.float32)
-    for r in range(steps):  # one affine warp per crop and pose (OpenCV), no per-pixel Python
-        m = cv2.getRotationMatrix2D(centre, 360.0 * r / steps, 1.0)
-        for i in range(n):
-            poses[i, r] = cv2.warpAffine(small[i], m, (size, size), flags=cv2.INTER_LINEAR,
-                                         borderValue=float(mean_grey))
-    v = poses[:, :, disc]  # (N, R, P)
-    v = v - v.mean(axis=2, keepdims=True)
-    v /= np.linalg.norm(v, axis=2, keepdims=True) + 1e-9
+    turn = [cv2.getRotationMatrix2D(centre, 360.0 * r / steps, 1.0) for r in range(steps)]
+
+    def posed(idx: np.ndarray) -> np.ndarray:
+        """Unit pose vectors (len(idx), steps, disc pixels) of some crops; one warp per crop and pose
+        (OpenCV), no per-pixel Python."""
+        small = [cv2.resize(c, (size, size), interpolation=cv2.INTER_AREA) if s != size else c for c in g[idx]]
+        v = np.empty((len(idx), steps, int(disc.sum())), np.float32)
+        for i, c in enumerate(small):
+            for r in range(steps):
+                v[i, r] = cv2.warpAffine(c, turn[r], (size, size), flags=cv2.INTER_LINEAR,
+                                         borderValue=float(mean_grey))[disc]
+        v -= v.mean(axis=2, keepdims=True)
+        v /= np.linalg.norm(v, axis=2, keepdims=True) + 1e-9
+        return v
+
+    # the poses of every crop at once cost 4 * steps * disc bytes per crop (65 kB at the defaults):
+    # archives are processed in chunks, the poses recomputed per pass, so memory stays bounded
+    chunks = [np.arange(a, min(a + CANON_CHUNK, n)) for a in range(0, n, CANON_CHUNK)]
+    whole = posed(chunks[0]) if len(chunks) == 1 else None
+    each = (lambda: [(chunks[0], whole)]) if whole is not None else (lambda: ((c, posed(c)) for c in chunks))
     if n == 1:
-        chosen = v[:, 0]
+        chosen = whole[:, 0]
     else:
         # most typical object: best-pose correlation summed over a sample of the others
-        sample = v[np.random.default_rng(0).choice(n, size=min(n, 200), replace=False), 0]  # (M, P)
-        score = np.einsum("nrp,mp->nrm", v, sample).max(axis=1).sum(axis=1)
-        template = v[int(np.argmax(score)), 0]
+        pick = np.sort(np.random.default_rng(0).choice(n, size=min(n, 200), replace=False))
+        sample = posed(pick)[:, 0]  # (M, P)
+        score = np.concatenate([np.einsum("nrp,mp->nrm", v, sample).max(axis=1).sum(axis=1) for _, v in each()])
+        template = posed(np.array([int(np.argmax(score))]))[0, 0]
         for _ in range(iterations):
-            best = np.einsum("nrp,p->nr", v, template).argmax(axis=1)
-            chosen = v[np.arange(n), best]
+            chosen = np.empty((n, int(disc.sum())), np.float32)
+            for c, v in each():
+                chosen[c] = v[np.arange(len(c)), np.einsum("nrp,p->nr", v, template).argmax(axis=1)]
             template = chosen.mean(axis=0)
             template /= np.linalg.norm(template) + 1e-9
     out = np.zeros((n, size, size), np.float32)

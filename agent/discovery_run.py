@@ -154,7 +154,8 @@ def adopt_cluster(species: str, cluster: int, folder: str | Path, cfg: AgentConf
     """Add the ``n`` medoids of ``cluster`` of a discovery run as references of ``species``.
 
     Medoids are taken most typical first; one whose crop equals an earlier one (the same object in
-    a copy of a scan) is passed over for the next (up to :data:`MEDOIDS_KEPT`). Each medoid is cut from its scan with :func:`agent.pipeline.reference_crop_at` at its pixel
+    a copy of a scan) or that is already a reference is passed over for the next (up to
+    :data:`MEDOIDS_KEPT`). Each medoid is cut from its scan with :func:`agent.pipeline.reference_crop_at` at its pixel
     position, exactly as ``refs add --scan --at X,Y --px`` would. A running agent notices the
     changed reference folder and counts the species from its next frame.
 
@@ -166,8 +167,8 @@ def adopt_cluster(species: str, cluster: int, folder: str | Path, cfg: AgentConf
     Raises
     ------
     ReferenceLibraryError
-        No discovery results in ``folder``, no such cluster, a bad species name, or a medoid's scan
-        is unreadable.
+        No discovery results in ``folder``, no such cluster, a bad species name, a medoid's scan
+        is unreadable, or every medoid is already a reference.
     NoObjectError
         A medoid is no longer found in its scan (the segmentation settings changed since).
     """
@@ -181,7 +182,8 @@ def adopt_cluster(species: str, cluster: int, folder: str | Path, cfg: AgentConf
     if row is None or cluster < 0:
         raise ReferenceLibraryError(f"{folder}: no cluster {cluster}; clusters are "
                                     f"{', '.join(str(c['cluster']) for c in d['clusters'] if c['cluster'] >= 0)}")
-    cut, seen = [], set()  # every medoid cut before the first is added: all or none
+    lib = ReferenceLibrary(cfg.references.folder)
+    cut, seen, held = [], set(), []  # every medoid cut before the first is added: all or none
     for m in row["medoids"]:
         if len(cut) == n:
             break
@@ -191,11 +193,15 @@ def adopt_cluster(species: str, cluster: int, folder: str | Path, cfg: AgentConf
             raise ReferenceLibraryError(f"medoid of cluster {cluster}: {e}") from None
         crop, psize, prov = reference_crop_at(scan, m["x_px"], m["y_px"], cfg, units="px")
         key = np.ascontiguousarray(crop).tobytes()
-        if key in seen:  # the same object in a copy of a scan: take the next medoid instead
+        known = lib.holds(crop)
+        if key in seen or known:  # the same object in a copy of a scan, or already a reference
+            held += [known] if known else []
             continue
         seen.add(key)
         prov = {**prov, "discovery": {"folder": str(folder), "cluster": cluster, "embedding": d.get("embedding"),
                                       "method": d.get("method")}}
         cut.append((crop, psize, prov))
-    lib = ReferenceLibrary(cfg.references.folder)
+    if not cut and held:
+        raise ReferenceLibraryError(f"{folder}: every medoid of cluster {cluster} is already a reference "
+                                    f"({', '.join(held)}); nothing added")
     return [lib.add(species, crop, psize, prov) for crop, psize, prov in cut]

@@ -41,6 +41,10 @@ class ReferenceLibraryError(StmAgentError):
     """The reference library is missing, empty or inconsistent (names the folder and the reason)."""
 
 
+class DuplicateReferenceError(ReferenceLibraryError):
+    """The object picked is already a reference (same crop); names the reference."""
+
+
 class DiscoveryError(StmAgentError):
     """A discovery run cannot proceed: no scan, too few objects to cluster, unknown embedding or
     clustering, torch missing for the autoencoder (names the input and the reason)."""

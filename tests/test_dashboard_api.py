@@ -87,6 +87,11 @@ def test_token_holder_adds_and_removes_a_reference(stopped_agent, monkeypatch):
         assert abs(ref["position_px"][0] - x) < 1 and abs(ref["position_px"][1] - y) < 1
         (g,) = c.get("/api/references").json()["references"]
         assert g["id"] == ref["id"] and g["scan"] == SCAN and len(g["position_nm"]) == 2
+        # the same object again, under any name: 409 naming the reference it already is, nothing added
+        for again in (body, body | {"species": "B"}):
+            dup = c.post("/api/references", json=again, headers=auth)
+            assert dup.status_code == 409 and f"already reference adsorbate/{ref['id']}" in dup.text, dup.text
+        assert len(c.get("/api/references").json()["references"]) == 1
         crop = c.get(f"/api/references/adsorbate/{ref['id']}.png")
         assert crop.status_code == 200 and crop.content[:4] == b"\x89PNG"
         # no object there / bad name / frame that cannot be read again

@@ -198,6 +198,10 @@ def test_refs_cli_add_show_remove(tmp_path, au111, sxm_dir):
         # says which object it took: its position and size
         assert "the object at" in out.output
     assert "added reference 2 of A" in out.output  # appended: two prototypes of A
+    again = run(app, ["refs", "add", "B", "--scan", scan, "--at", f"{x:.1f},{y:.1f}", "--px", "--refs", str(folder)])
+    text = " ".join(again.output.split())
+    assert again.exit_code != 0 and "already reference A/ref_" in text and "Traceback" not in text, again.output
+    assert len(ReferenceLibrary(folder).entries()) == 2  # nothing added
     shown = run(app, ["refs", "show", "--refs", str(folder)])
     assert shown.exit_code == 0 and shown.output.count("ref_") == 2 and "mirrored poses: on" in shown.output
     first = ReferenceLibrary(folder).entries()[0].path.stem

@@ -19,7 +19,7 @@ import numpy as np
 
 from stm_agent.adapters.outputs import display_dir
 from stm_agent.agent.config import AgentConfig
-from stm_agent.agent.errors import StmAgentError
+from stm_agent.agent.errors import DuplicateReferenceError, StmAgentError
 from stm_agent.agent.triggers import frame_area_nm2
 
 __all__ = ["DashboardData", "DataError"]
@@ -239,7 +239,7 @@ class DashboardData:
         ------
         DataError
             Unknown frame (404), scan no longer readable or not a file (409), no object there or
-            a bad species name (422).
+            a bad species name (422), the object is already a reference (409).
         """
         from stm_agent.adapters.references import ReferenceLibrary
         from stm_agent.adapters.scanfile import read_scan
@@ -257,6 +257,8 @@ class DashboardData:
             sizes = library_defect_sizes([(e.pixel_size_nm, e.provenance, e.extent_nm) for e in lib.entries(require=False)])
             crop, px, prov = reference_crop_at(scan, float(x_px), float(y_px), self.cfg, units="px", defect_sizes_nm=sizes)
             npy = lib.add(species, crop, px, prov)
+        except DuplicateReferenceError as exc:
+            raise DataError(str(exc), 409) from exc
         except StmAgentError as exc:
             raise DataError(str(exc), 422) from exc
         return {"species": species, "id": npy.stem, "scan": Path(path).name, "position_nm": prov["position_nm"],
