@@ -30,7 +30,8 @@ other 12 carry no pixel size). Environment switches (for the comparisons in docs
 FEWSHOT_AGENT=0 (one SimpleShot session over the set, argmax + rules), FEWSHOT_THRESHOLD=a cosine
 (``match.threshold`` fixed), FEWSHOT_BOX=sigma (box = blob sigma x the class's box/sigma),
 FEWSHOT_EXAMPLE_THRESHOLD=1 (detection threshold lowered to each species' weakest example, for
-blobs of its polarity and sizes).
+blobs of its polarity and sizes), FEWSHOT_HEAD=lda|logreg|protonet (recognition-only: a head
+trained on the K examples in place of the SimpleShot prototypes; protonet needs torch).
 """
 
 from __future__ import annotations
@@ -69,6 +70,72 @@ EXAMPLE_THRESHOLD = os.environ.get("FEWSHOT_EXAMPLE_THRESHOLD", "0") == "1"
 THRESHOLD = os.environ.get("FEWSHOT_THRESHOLD", "auto")
 THRESHOLD = THRESHOLD if THRESHOLD == "auto" else float(THRESHOLD)
 SIZE_TOLERANCE = 1.5
+#: recognition-only head: "simpleshot" (the agent's) or one trained on the examples
+HEAD = os.environ.get("FEWSHOT_HEAD", "simpleshot")
+
+
+class TrainedHead(SimpleShot):
+    """SimpleShot's features with a head trained on the K examples per class (the measurement of
+    issue 12's "prototypical-network head if it helps"; not used by the agent).
+
+    ``lda``: shrinkage linear discriminant analysis (Ledoit-Wolf); ``logreg``: logistic regression;
+    ``protonet``: a prototypical network (Snell et al., NeurIPS 2017): a 64-32 MLP on the features,
+    trained episodically (3 support / 2 query per class at K = 5, input noise 0.05, 300 episodes),
+    class prototypes = mean embedding of the K examples, scores = softmax of -squared distance.
+    """
+
+    def fit(self, f, labels):
+        super().fit(f, labels)
+        x, lab = self.transform(f), np.asarray(labels)
+        if HEAD == "lda":
+            from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+            self.head = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, lab)
+        elif HEAD == "logreg":
+            from sklearn.linear_model import LogisticRegression
+            self.head = LogisticRegression(max_iter=2000).fit(x, lab)
+        elif HEAD == "protonet":
+            import torch
+            torch.manual_seed(0)
+            rng = np.random.default_rng(0)
+            xt = torch.tensor(x, dtype=torch.float32)
+            net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 64), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                      torch.nn.Linear(64, 32))
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-3)
+            idx = [np.flatnonzero(lab == c) for c in self.classes]
+            for _ in range(300):
+                sup, qry, qy = [], [], []
+                for k, ii in enumerate(idx):
+                    p = rng.permutation(ii)
+                    ns = max(1, len(p) - 2)
+                    sup.append(p[:ns])
+                    qry += list(p[ns:])
+                    qy += [k] * (len(p) - ns)
+                if not qry:  # K = 1: nothing to train on
+                    break
+                e = net(xt + 0.05 * torch.randn_like(xt))
+                protos = torch.stack([e[torch.as_tensor(s_)].mean(0) for s_ in sup])
+                loss = torch.nn.functional.cross_entropy(-torch.cdist(e[torch.as_tensor(qry)], protos) ** 2,
+                                                         torch.as_tensor(qy))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            net.eval()
+            with torch.no_grad():
+                e = net(xt)
+                self.protos = torch.stack([e[torch.as_tensor(ii)].mean(0) for ii in idx])
+            self.net, self.head = net, "protonet"
+        else:
+            raise SystemExit(f"FEWSHOT_HEAD={HEAD!r}: choose simpleshot, lda, logreg or protonet")
+        return self
+
+    def scores(self, f):
+        if self.head == "protonet":
+            import torch
+            with torch.no_grad():
+                d = torch.cdist(self.net(torch.tensor(self.transform(f), dtype=torch.float32)), self.protos) ** 2
+                return torch.softmax(-d, dim=1).numpy()
+        p = self.head.predict_proba(self.transform(f))
+        return p[:, [list(self.head.classes_).index(c) for c in self.classes]]
 
 
 def load(variant: str):
@@ -167,7 +234,7 @@ def run(images, classes, k: int, seed: int, cache: dict, use_reject: bool = Fals
     allf = DefectFeatures.concat(per_img)
     row = {o: n for n, o in enumerate(objs)}
     s_idx = [row[o] for o in support]
-    clf = SimpleShot(allf).fit(allf.take(s_idx), [lab[t] for t in s_idx])
+    clf = (SimpleShot if HEAD == "simpleshot" else TrainedHead)(allf).fit(allf.take(s_idx), [lab[t] for t in s_idx])
     q_idx = [n for n, o in enumerate(objs) if o not in sup and lab[n] in eligible]
     q_size = np.array([np.mean(images[objs[t][0]]["boxes"][objs[t][1]][2:]) * images[objs[t][0]]["ps"][0] for t in q_idx])
     q_sign = np.array([images[objs[t][0]]["sign"][objs[t][1]] for t in q_idx])
