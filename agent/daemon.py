@@ -85,6 +85,8 @@ _SEQ_BLOCK = 1000
 #: After a restart with work left over, wait this long before publishing it: subscribers that were
 #: connected before reconnect within ZeroMQ's reconnect interval (0.1 s) and would miss it otherwise.
 REDELIVERY_GRACE_S = 1.0
+#: how often the signal watcher looks for a received SIGINT/SIGTERM (s)
+SIGNAL_POLL_S = 0.05
 _RETRY_MAX_S = 5.0  # longest pause between two attempts to write the store (disk full ...)
 _PAYLOAD_CACHE_BYTES = 64 << 20  # received payloads kept in memory for the worker (also on disk)
 _SPOOL_PRUNE_EVERY_S = 5.0
@@ -836,6 +838,11 @@ def install_signal_handlers(agent: Agent) -> dict[int, Any]:
     stopping published, sockets and store closed by :meth:`Agent.run`); the handler then restores
     the default so a second Ctrl-C interrupts at once.
 
+    The handler itself only records the signal: :meth:`Agent.stop` is called by a small watcher
+    thread. A handler runs in the main thread between two bytecodes, possibly while that thread is
+    inside ``threading.Event.wait`` and holds the event's (non-reentrant) lock; ``Event.set`` from
+    the handler would then wait for itself forever (seen as an agent that ignored SIGTERM).
+
     Returns
     -------
     dict
@@ -847,12 +854,19 @@ def install_signal_handlers(agent: Agent) -> dict[int, Any]:
         Not called from the main thread (Python only allows handlers there).
     """
     previous: dict[int, Any] = {}
+    received: list[int] = []  # appended by the handler: no lock is taken there
 
     def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        agent.stop()
+        received.append(signum)
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    def watch() -> None:
+        while not received:
+            time.sleep(SIGNAL_POLL_S)
+        log.info("received %s: stopping", signal.Signals(received[0]).name)
+        agent.stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, handler)
+    threading.Thread(target=watch, name="stm-agent-signals", daemon=True).start()
     return previous

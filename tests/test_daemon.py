@@ -218,3 +218,27 @@ def test_sigterm_stops_cleanly(tmp_path, refs, sxm_dir):
         os.path.getsize(str(tmp_path / "results.sqlite") + "-wal") == 0  # checkpointed on close
     with ResultStore(tmp_path / "results.sqlite") as store:
         assert store.count("ok") == 1
+
+
+def test_signal_while_the_main_thread_holds_the_stop_events_lock():
+    """A signal can arrive while the main thread is inside ``Event.wait`` (the agent's idle wait)
+    and holds the event's lock; the handler must not set the event itself (that waits for the
+    lock forever: once seen in CI as an agent that ignored SIGTERM). Reproduced deterministically:
+    the signal is raised while the lock is held; the agent is still asked to stop."""
+    code = (
+        "import os, signal, threading\n"
+        "from stm_agent.agent.daemon import install_signal_handlers\n"
+        "class A:\n"
+        "    def __init__(self): self.wake = threading.Event()\n"
+        "    def stop(self): self.wake.set()\n"
+        "a = A(); install_signal_handlers(a)\n"
+        "with a.wake._cond:  # as inside Event.wait\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    sum(range(1000))  # the handler runs here, in this thread\n"
+        "print('stopped' if a.wake.wait(10) else 'not stopped')\n"
+    )
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the signal handler deadlocked on the event's lock")
+    assert p.returncode == 0 and p.stdout.strip() == "stopped", p.stdout + p.stderr
